@@ -1,0 +1,117 @@
+#pragma once
+// Communicator: tandem's narrow interface over a c10d process group.
+//
+// Contract: one Communicator per rank per group. Calls are issued by one thread
+// at a time per communicator (the owner); the asynchronous calls return a
+// Request that may be waited on from any thread. Every blocking call takes a
+// timeout; a peer failure or timeout throws tandem::CommError, which leaves the
+// communicator unusable (rebuild it), as with Gloo's IoException.
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+namespace tandem {
+
+// Peer or transport failure (a rank died, a message timed out).
+class CommError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+namespace comm {
+
+using Milliseconds = std::chrono::milliseconds;
+constexpr Milliseconds kDefaultTimeout{300000};
+
+enum class ReduceOp { kSum, kMax, kMin };
+
+// A pending operation. wait() throws CommError on failure or timeout.
+class Request {
+ public:
+  virtual ~Request() = default;
+  virtual void wait(Milliseconds timeout) = 0;
+  // Source rank of a completed receive-from-any; -1 otherwise.
+  virtual int source_rank() const { return -1; }
+};
+using RequestPtr = std::shared_ptr<Request>;
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string backend() const = 0;
+  Milliseconds timeout() const { return timeout_; }
+
+  // Collectives (in place). All ranks call them in the same order.
+  virtual RequestPtr all_reduce_async(at::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
+  virtual RequestPtr broadcast_async(at::Tensor& t, int root) = 0;
+  virtual RequestPtr reduce_async(at::Tensor& t, int root, ReduceOp op = ReduceOp::kSum) = 0;
+  virtual void barrier() = 0;
+
+  // Point-to-point. Tags tell concurrent messages between one pair apart.
+  virtual RequestPtr send_async(at::Tensor& t, int dst, int tag) = 0;
+  virtual RequestPtr recv_async(at::Tensor& t, int src, int tag) = 0;
+  virtual RequestPtr recv_any_async(at::Tensor& t, int tag) = 0;
+
+  // Blocking conveniences (wait with this communicator's timeout).
+  void all_reduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) { all_reduce_async(t, op)->wait(timeout_); }
+  void broadcast(at::Tensor& t, int root) { broadcast_async(t, root)->wait(timeout_); }
+  void reduce(at::Tensor& t, int root, ReduceOp op = ReduceOp::kSum) { reduce_async(t, root, op)->wait(timeout_); }
+  void send(at::Tensor& t, int dst, int tag) { send_async(t, dst, tag)->wait(timeout_); }
+  void recv(at::Tensor& t, int src, int tag) { recv_async(t, src, tag)->wait(timeout_); }
+  // Returns the rank the message came from.
+  int recv_any(at::Tensor& t, int tag) {
+    auto r = recv_any_async(t, tag);
+    r->wait(timeout_);
+    return r->source_rank();
+  }
+
+ protected:
+  Milliseconds timeout_{kDefaultTimeout};
+};
+using CommunicatorPtr = std::shared_ptr<Communicator>;
+
+struct GlooOptions {
+  Milliseconds timeout = kDefaultTimeout;
+  // Address Gloo binds to. "127.0.0.1" keeps a single-host job on loopback;
+  // empty means c10d's default device (the host's name resolution).
+  std::string hostname = "127.0.0.1";
+  int threads = 2;  // Gloo worker threads: concurrent collectives in flight.
+};
+
+// A c10d ProcessGroupGloo over `store`. Ranks rendezvous through the store.
+CommunicatorPtr make_gloo(c10::intrusive_ptr<c10d::Store> store, int rank, int size,
+                          const GlooOptions& opts = {});
+
+// World size 1, no peers: collectives are identity, p2p is an error.
+CommunicatorPtr make_single();
+
+// In-process group for tests: `size` communicators sharing one HashStore, one
+// per thread. Construction is collective, so each is built on its own thread.
+class InProcessGroup {
+ public:
+  explicit InProcessGroup(int size, GlooOptions opts = {});
+  CommunicatorPtr connect(int rank);  // call from the rank's thread
+  int size() const { return size_; }
+
+ private:
+  int size_;
+  GlooOptions opts_;
+  c10::intrusive_ptr<c10d::Store> store_;
+};
+
+// Runs fn(rank, comm) on `size` threads with an in-process group; rethrows the
+// first exception after every thread finished.
+void spawn(int size, const std::function<void(int, CommunicatorPtr)>& fn, GlooOptions opts = {});
+
+}  // namespace comm
+}  // namespace tandem

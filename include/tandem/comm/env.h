@@ -1,0 +1,27 @@
+#pragma once
+// Every environment variable tandem reads or sets, named once.
+namespace tandem::env {
+// torchrun's contract (also set by `tandem launch`).
+constexpr const char* kRank = "RANK";
+constexpr const char* kWorldSize = "WORLD_SIZE";
+constexpr const char* kLocalRank = "LOCAL_RANK";
+constexpr const char* kLocalWorldSize = "LOCAL_WORLD_SIZE";
+constexpr const char* kMasterAddr = "MASTER_ADDR";
+constexpr const char* kMasterPort = "MASTER_PORT";
+// OpenMPI (mpirun).
+constexpr const char* kOmpiRank = "OMPI_COMM_WORLD_RANK";
+constexpr const char* kOmpiSize = "OMPI_COMM_WORLD_SIZE";
+constexpr const char* kOmpiLocalRank = "OMPI_COMM_WORLD_LOCAL_RANK";
+constexpr const char* kOmpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
+// Slurm (srun).
+constexpr const char* kSlurmProcId = "SLURM_PROCID";
+constexpr const char* kSlurmNTasks = "SLURM_NTASKS";
+constexpr const char* kSlurmLocalId = "SLURM_LOCALID";
+constexpr const char* kSlurmTasksPerNode = "SLURM_NTASKS_PER_NODE";
+// tandem's own: a FileStore path for single-host jobs (set by `tandem launch`,
+// inside a private 0700 directory), so no port is opened beyond loopback.
+constexpr const char* kStorePath = "TANDEM_STORE_PATH";
+// Address Gloo binds to on this host (default 127.0.0.1 single-host, the
+// host's name otherwise).
+constexpr const char* kBindAddr = "TANDEM_BIND_ADDR";
+}  // namespace tandem::env

@@ -1,0 +1,23 @@
+# Installs tandem into a scratch prefix and builds examples/consumer with
+# find_package(tandem) against it.
+set(prefix ${TANDEM_BINARY_DIR}/example-install)
+set(build ${TANDEM_BINARY_DIR}/example-build)
+file(REMOVE_RECURSE ${build})
+execute_process(COMMAND ${CMAKE_COMMAND} --install ${TANDEM_BINARY_DIR} --prefix ${prefix} RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "install failed: ${rc}")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} -S ${TANDEM_SOURCE_DIR}/examples/consumer -B ${build}
+  -DCMAKE_PREFIX_PATH=${prefix} RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "configure of examples/consumer failed: ${rc}")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} --build ${build} RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "build of examples/consumer failed: ${rc}")
+endif()
+execute_process(COMMAND ${build}/consumer RESULT_VARIABLE rc OUTPUT_VARIABLE out)
+message("${out}")
+if(rc)
+  message(FATAL_ERROR "examples/consumer exited with ${rc}")
+endif()
