@@ -31,7 +31,8 @@ void register_launch(CLI::App& app) {
   sub->add_option("--grace,--grace-seconds,--grace_seconds", o->grace_seconds,
                   "Seconds between SIGTERM and SIGKILL when stopping the ranks")
       ->capture_default_str();
-  sub->add_option("--env", *env, "Extra KEY=VALUE for every rank (repeatable)");
+  sub->add_option("--env", *env, "Extra KEY=VALUE for every rank (repeat the flag for more)")
+      ->allow_extra_args(false);
   sub->add_option("command", o->command, "The command to run in every rank, with its arguments (after --)");
   sub->footer(
       "Examples:\n"

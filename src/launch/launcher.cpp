@@ -1,6 +1,7 @@
 // tandem launch: fork one process per local rank, supervise, tear down on failure.
 #include "tandem/launch/launcher.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -292,6 +293,18 @@ int launch(const LaunchOptions& o, std::ostream& log) {
     give_up_at = kill_at + std::chrono::seconds(10);
   };
 
+  // Ranks run in their own process groups, i.e. in the background as far as a
+  // terminal is concerned: reading it would stop them (SIGTTIN). Give them
+  // /dev/null instead when stdin is a terminal.
+  int null_fd = -1;
+  if (::isatty(STDIN_FILENO)) null_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  struct FdCloser {
+    int& fd;
+    ~FdCloser() {
+      if (fd >= 0) ::close(fd);
+    }
+  } close_null{null_fd};
+
   // Start the ranks.
   std::string start_error;
   sigset_t all, old;
@@ -305,6 +318,7 @@ int launch(const LaunchOptions& o, std::ostream& log) {
     pid_t pid = ::fork();
     if (pid == 0) {
       ::setpgid(0, 0);
+      if (null_fd >= 0) ::dup2(null_fd, STDIN_FILENO);  // dup2 clears O_CLOEXEC on the copy
       struct sigaction dfl {};
       dfl.sa_handler = SIG_DFL;
       sigemptyset(&dfl.sa_mask);
