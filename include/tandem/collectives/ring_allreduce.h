@@ -1,0 +1,28 @@
+#pragma once
+// Ring all-reduce written on the communicator's point-to-point send/recv.
+//
+// The buffer is cut into `size` balanced segments. Reduce-scatter: in n-1
+// steps each rank sends one segment to its right neighbour and adds the one
+// from its left, after which rank r holds the full sum of segment r+1.
+// All-gather: n-1 more steps pass the finished segments around. Each rank
+// sends and receives 2(n-1)/n of the buffer in total (docs/algorithms.md).
+// Within a step the segment travels in chunks: every chunk's receive and send
+// is posted up front, and each chunk is added as soon as it lands, so the
+// addition overlaps the transfer of later chunks.
+// Works for any size >= 1 and any element count (segments may be empty).
+#include <cstddef>
+
+#include "tandem/comm/communicator.h"
+
+namespace tandem::collectives {
+
+struct RingOptions {
+  size_t chunk_bytes = 1 << 20;  // transfer unit within a step
+  int tag_base = 1 << 20;        // tags used: tag_base .. tag_base + 2(n-1)*chunks
+};
+
+// In place: t becomes the elementwise sum over ranks. t must be contiguous,
+// float or double (or any dtype with add_), the same numel on every rank.
+void ring_all_reduce(comm::Communicator& comm, at::Tensor& t, const RingOptions& opts = {});
+
+}  // namespace tandem::collectives

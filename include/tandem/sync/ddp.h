@@ -1,0 +1,94 @@
+#pragma once
+// DistributedDataParallel for LibTorch C++ modules.
+//
+// On construction: checks that every rank holds the same parameter shapes
+// (error names the first mismatch), broadcasts parameters and buffers from
+// rank 0, cuts the parameters into buckets and registers a gradient hook on
+// each parameter.
+//
+// Note [Bucket order]: parameters are bucketed in reverse registration order,
+// because backward produces the gradients of the last layers first; a bucket
+// is all-reduced asynchronously as soon as all its gradients have arrived, so
+// communication of late layers overlaps the backward of early ones. Buckets
+// are launched strictly in index order on every rank (collectives must match
+// across ranks), so a bucket that is ready early waits for its predecessors.
+// Parameters that get no gradient in a step are filled with zeros in finish().
+//
+// Gradient accumulation: begin_step(false) turns the hooks off, gradients
+// accumulate in .grad() locally; on the synchronising micro-step the hook adds
+// the accumulated .grad() to the incoming gradient, so one all-reduce carries
+// the sum of all micro-steps.
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include <torch/nn/module.h>
+
+#include "tandem/comm/communicator.h"
+#include "tandem/sync/gradient_sync.h"
+
+namespace tandem::sync {
+
+struct DdpOptions {
+  double bucket_mb = 25.0;
+  bool broadcast_parameters = true;
+};
+
+class BucketedSync : public GradientSync {
+ public:
+  BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm, DdpOptions opts);
+  ~BucketedSync() override;
+  void begin_step(bool sync) override;
+  void finish() override;
+  size_t num_buckets() const { return buckets_.size(); }
+  // Parameter indices (registration order) of each bucket, for tests and logs.
+  std::vector<std::vector<size_t>> bucket_layout() const;
+
+ protected:
+  // Starts reducing (summing) `flat` across ranks.
+  virtual comm::RequestPtr launch(at::Tensor& flat) = 0;
+  comm::CommunicatorPtr comm_;
+
+ private:
+  struct Slot {
+    size_t param;
+    int64_t offset, numel;
+  };
+  struct Bucket {
+    at::Tensor flat;
+    std::vector<Slot> slots;
+    size_t pending = 0;
+    bool launched = false;
+    comm::RequestPtr request;
+  };
+  void on_grad(size_t param, const at::Tensor& grad);
+  void launch_ready_locked();
+  void launch_bucket_locked(Bucket& b);
+
+  std::shared_ptr<torch::nn::Module> module_;
+  std::vector<at::Tensor> params_;
+  std::vector<std::pair<size_t, size_t>> where_;  // param -> (bucket, slot)
+  std::vector<Bucket> buckets_;
+  std::vector<bool> got_;
+  size_t next_launch_ = 0;
+  std::mutex mu_;
+  std::chrono::steady_clock::time_point first_launch_;
+  bool any_launched_ = false;
+};
+
+// Buckets summed with c10d's all-reduce (Gloo ring-chunked on CPU, NCCL on GPU).
+class DistributedDataParallel : public BucketedSync {
+ public:
+  DistributedDataParallel(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm,
+                          DdpOptions opts = {});
+  std::string name() const override { return "baseline_ddp"; }
+
+ protected:
+  comm::RequestPtr launch(at::Tensor& flat) override;
+};
+
+// Checks shapes across ranks and broadcasts parameters and buffers from rank 0.
+void broadcast_module(torch::nn::Module& module, comm::Communicator& comm);
+
+}  // namespace tandem::sync

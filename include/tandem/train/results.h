@@ -1,0 +1,64 @@
+#pragma once
+// The results JSON of one training run, in the schema of seed 002
+// (results_baseline_ddp.json, results_all_reduce.json, results_ps.json):
+//
+// { "method": "baseline_ddp" | "all_reduce" | "ps", "world_size": N,
+//   "num_workers": W (ps only), "batch_size": per-rank batch,
+//   "start_time": ISO-8601, "end_time": ISO-8601,
+//   "config": {...flags...},
+//   "epochs": [ { "epoch", "train_loss", "train_accuracy", "train_time" (s),
+//                 "train_throughput" (img/s, all ranks), "avg_batch_time" (s),
+//                 "avg_comm_time" (s per step; ddp and ring),
+//                 "avg_comm_time_pull", "avg_comm_time_push" (s per step; ps),
+//                 "val_loss", "val_accuracy",
+//                 "pipeline": { "stall_fraction", "data_busy_pct",
+//                               "model_busy_pct", "mean_buffer_fill" } } ],
+//   "summary": { "avg_train_throughput", "avg_train_time_per_epoch",
+//                "best_val_accuracy", "avg_comm_time" | "avg_comm_time_pull" +
+//                "avg_comm_time_push" },
+//   "all_losses": [ per-step training loss, averaged over training ranks ],
+//   "timeline": [ { "t" (s since start), "buffer_fill", "data_busy", "model_busy" } ] }
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace tandem::train {
+
+struct PipelineStats {
+  double stall_fraction = 0;   // share of train time the step waited for data
+  double data_busy_pct = 0;    // loader workers busy / (workers x wall)
+  double model_busy_pct = 0;   // compute + comm / wall
+  double mean_buffer_fill = 0; // batches
+};
+
+struct EpochResult {
+  int epoch = 0;
+  double train_loss = 0, train_accuracy = 0, train_time = 0, train_throughput = 0, avg_batch_time = 0;
+  double avg_comm_time = 0, avg_comm_time_pull = 0, avg_comm_time_push = 0;
+  double val_loss = 0, val_accuracy = 0;
+  PipelineStats pipeline;
+};
+
+struct TimelinePoint {
+  double t = 0, buffer_fill = 0, data_busy = 0, model_busy = 0;
+};
+
+struct RunResult {
+  std::string method;  // baseline_ddp, all_reduce, ps
+  int world_size = 1;
+  int num_workers = 0;  // ps: training ranks
+  int batch_size = 0;
+  std::string start_time, end_time;
+  nlohmann::json config = nlohmann::json::object();
+  std::vector<EpochResult> epochs;
+  std::vector<double> all_losses;
+  std::vector<TimelinePoint> timeline;
+};
+
+nlohmann::json to_json(const RunResult& r);
+// File name for a method, as in seed 002: results_<method>.json.
+std::string results_file_name(const std::string& method);
+std::string iso_time_now();
+
+}  // namespace tandem::train

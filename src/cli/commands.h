@@ -1,0 +1,10 @@
+#pragma once
+// Each `tandem` subcommand lives in its own file and registers itself here.
+// cli/ only parses flags and calls the library; the work happens below it.
+#include <CLI/CLI.hpp>
+
+namespace tandem::cli {
+void register_train(CLI::App& app);
+void register_launch(CLI::App& app);
+void register_report(CLI::App& app);
+}  // namespace tandem::cli

@@ -1,0 +1,49 @@
+#include "tandem/data/sampler.h"
+
+#include <numeric>
+#include <random>
+
+#include "tandem/util/check.h"
+
+namespace tandem::data {
+
+DistributedSampler::DistributedSampler(int64_t dataset_size, int rank, int world_size, bool shuffle, uint64_t seed,
+                                       Remainder remainder)
+    : n_(dataset_size), rank_(rank), world_(world_size), shuffle_(shuffle), seed_(seed), remainder_(remainder) {
+  TANDEM_CHECK(world_size >= 1 && rank >= 0 && rank < world_size, "sampler: rank ", rank, " outside world size ",
+               world_size);
+  TANDEM_CHECK(dataset_size >= 0, "sampler: negative dataset size");
+  TANDEM_CHECK(remainder != Remainder::kDrop || dataset_size >= world_size, "the data set has ", dataset_size,
+               " samples, fewer than the ", world_size, " ranks: use more data or fewer ranks");
+}
+
+int64_t DistributedSampler::shard_size() const {
+  switch (remainder_) {
+    case Remainder::kPad: return (n_ + world_ - 1) / world_;
+    case Remainder::kDrop: return n_ / world_;
+    case Remainder::kNone: return n_ / world_ + (rank_ < n_ % world_ ? 1 : 0);
+  }
+  return 0;
+}
+
+std::vector<int64_t> DistributedSampler::indices() const {
+  std::vector<int64_t> perm(n_);
+  std::iota(perm.begin(), perm.end(), 0);
+  if (shuffle_ && n_ > 1) {
+    std::mt19937_64 gen(seed_ * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch_) + 1);
+    for (int64_t i = n_ - 1; i > 0; --i) {
+      std::uniform_int_distribution<int64_t> pick(0, i);
+      std::swap(perm[i], perm[pick(gen)]);
+    }
+  }
+  int64_t total = remainder_ == Remainder::kNone ? n_ : shard_size() * world_;
+  if (remainder_ == Remainder::kPad && n_ > 0) {
+    for (int64_t i = n_; i < total; ++i) perm.push_back(perm[(i - n_) % n_]);
+  }
+  std::vector<int64_t> out;
+  out.reserve(shard_size());
+  for (int64_t i = rank_; i < total; i += world_) out.push_back(perm[i]);
+  return out;
+}
+
+}  // namespace tandem::data

@@ -1,0 +1,232 @@
+#include "tandem/sync/ddp.h"
+
+#include <sstream>
+
+#include <torch/torch.h>
+
+#include "tandem/util/check.h"
+
+namespace tandem::sync {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+}  // namespace
+
+void broadcast_module(torch::nn::Module& module, comm::Communicator& comm) {
+  if (comm.size() == 1) return;
+  auto named = module.named_parameters(/*recurse=*/true);
+  // Encode this rank's shapes: [count, ndim_0, dims_0..., ndim_1, ...].
+  std::vector<int64_t> enc{static_cast<int64_t>(named.size())};
+  for (auto& p : named) {
+    enc.push_back(p.value().dim());
+    for (auto d : p.value().sizes()) enc.push_back(d);
+  }
+  auto len = torch::tensor({static_cast<int64_t>(enc.size())}, torch::kInt64);
+  comm.broadcast(len, 0);
+  auto root = comm.rank() == 0 ? torch::tensor(enc, torch::kInt64) : torch::empty({len.item<int64_t>()}, torch::kInt64);
+  comm.broadcast(root, 0);
+  // Find this rank's first parameter whose shape differs from rank 0's.
+  std::string local_problem;
+  {
+    auto* r = root.data_ptr<int64_t>();
+    const int64_t root_len = root.numel();
+    int64_t pos = 1;
+    if (r[0] != static_cast<int64_t>(named.size())) {
+      local_problem = "rank 0 has " + std::to_string(r[0]) + " parameters, rank " + std::to_string(comm.rank()) +
+                      " has " + std::to_string(named.size());
+    }
+    for (size_t i = 0; local_problem.empty() && i < named.size() && pos < root_len; ++i) {
+      int64_t nd = r[pos++];
+      std::vector<int64_t> want(r + pos, r + std::min(root_len, pos + nd));
+      pos += nd;
+      auto have = named[i].value().sizes();
+      if (want != have.vec()) {
+        local_problem = "parameter '" + named[i].key() + "' (#" + std::to_string(i) + "): rank 0 has " +
+                        shape_str(want) + ", rank " + std::to_string(comm.rank()) + " has " + shape_str(have);
+      }
+    }
+  }
+  auto bad = torch::zeros({comm.size()}, torch::kInt64);
+  bad[comm.rank()] = local_problem.empty() ? 0 : 1;
+  comm.all_reduce(bad);
+  if (bad.sum().item<int64_t>() > 0) {
+    TANDEM_CHECK(local_problem.empty(), "model differs across ranks: ", local_problem,
+                 " (every rank must build the same model)");
+    int64_t who = bad.nonzero()[0][0].item<int64_t>();
+    TANDEM_FAIL("model differs across ranks: rank ", who, " has a parameter shape that differs from rank 0 ",
+                "(see rank ", who, "'s message)");
+  }
+  torch::NoGradGuard guard;
+  for (auto& p : module.parameters()) {
+    auto t = p.data();
+    if (t.is_contiguous()) {
+      comm.broadcast(t, 0);
+    } else {
+      auto c = t.contiguous();
+      comm.broadcast(c, 0);
+      t.copy_(c);
+    }
+  }
+  for (auto& b : module.buffers()) {
+    auto c = b.contiguous();
+    comm.broadcast(c, 0);
+    if (!c.is_same(b)) b.copy_(c);
+  }
+}
+
+BucketedSync::BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm, DdpOptions opts)
+    : comm_(std::move(comm)), module_(std::move(module)) {
+  TANDEM_CHECK(opts.bucket_mb > 0, "--bucket-mb must be > 0, got ", opts.bucket_mb);
+  if (opts.broadcast_parameters) broadcast_module(*module_, *comm_);
+  for (auto& p : module_->parameters())
+    if (p.requires_grad()) params_.push_back(p);
+  where_.resize(params_.size());
+  got_.assign(params_.size(), false);
+  // Note [Bucket order]: reverse registration order, cut at bucket_mb, one
+  // dtype/device per bucket.
+  const int64_t cap = static_cast<int64_t>(opts.bucket_mb * 1024 * 1024);
+  int64_t bytes = 0;
+  for (size_t k = params_.size(); k-- > 0;) {
+    const auto& p = params_[k];
+    bool fresh = buckets_.empty() || bytes >= cap;
+    if (!fresh) {
+      const auto& first = params_[buckets_.back().slots.front().param];
+      fresh = first.scalar_type() != p.scalar_type() || first.device() != p.device();
+    }
+    if (fresh) {
+      buckets_.emplace_back();
+      bytes = 0;
+    }
+    auto& b = buckets_.back();
+    int64_t off = b.slots.empty() ? 0 : b.slots.back().offset + b.slots.back().numel;
+    where_[k] = {buckets_.size() - 1, b.slots.size()};
+    b.slots.push_back({k, off, p.numel()});
+    bytes += p.numel() * p.element_size();
+  }
+  for (auto& b : buckets_) {
+    const auto& p = params_[b.slots.front().param];
+    int64_t n = b.slots.back().offset + b.slots.back().numel;
+    b.flat = torch::zeros({n}, p.options().requires_grad(false));
+    b.pending = b.slots.size();
+  }
+  for (size_t k = 0; k < params_.size(); ++k) {
+    params_[k].register_hook([this, k](const at::Tensor& grad) { on_grad(k, grad); });
+  }
+}
+
+BucketedSync::~BucketedSync() = default;
+
+std::vector<std::vector<size_t>> BucketedSync::bucket_layout() const {
+  std::vector<std::vector<size_t>> out;
+  for (auto& b : buckets_) {
+    out.emplace_back();
+    for (auto& s : b.slots) out.back().push_back(s.param);
+  }
+  return out;
+}
+
+void BucketedSync::begin_step(bool sync) {
+  std::lock_guard<std::mutex> lock(mu_);
+  sync_ = sync;
+  times_ = {};
+  next_launch_ = 0;
+  any_launched_ = false;
+  std::fill(got_.begin(), got_.end(), false);
+  for (auto& b : buckets_) {
+    b.pending = b.slots.size();
+    b.launched = false;
+    b.request.reset();
+  }
+}
+
+void BucketedSync::on_grad(size_t k, const at::Tensor& grad) {
+  if (!sync_) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  // A leaf's hook runs once per backward with the summed gradient, even when
+  // the parameter is used several times in forward.
+  if (got_[k]) return;
+  auto [bi, si] = where_[k];
+  auto& b = buckets_[bi];
+  const auto& s = b.slots[si];
+  auto view = b.flat.slice(0, s.offset, s.offset + s.numel);
+  torch::NoGradGuard guard;
+  view.copy_(grad.reshape({-1}));
+  // Gradient accumulation: .grad() holds the earlier micro-steps' sum.
+  const auto& acc = params_[k].grad();
+  if (acc.defined()) view.add_(acc.reshape({-1}));
+  got_[k] = true;
+  if (--b.pending == 0) launch_ready_locked();
+}
+
+void BucketedSync::launch_bucket_locked(Bucket& b) {
+  if (!any_launched_) {
+    first_launch_ = Clock::now();
+    any_launched_ = true;
+  }
+  b.launched = true;
+  b.request = launch(b.flat);
+}
+
+void BucketedSync::launch_ready_locked() {
+  while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
+    launch_bucket_locked(buckets_[next_launch_]);
+    ++next_launch_;
+  }
+}
+
+void BucketedSync::finish() {
+  if (!sync_) return;
+  auto t0 = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    torch::NoGradGuard guard;
+    // Parameters that received no gradient this step: contribute what .grad()
+    // holds (accumulated micro-steps) or zeros, so every rank launches every bucket.
+    for (size_t k = 0; k < params_.size(); ++k) {
+      if (got_[k]) continue;
+      auto [bi, si] = where_[k];
+      auto& b = buckets_[bi];
+      const auto& s = b.slots[si];
+      auto view = b.flat.slice(0, s.offset, s.offset + s.numel);
+      const auto& acc = params_[k].grad();
+      if (acc.defined()) view.copy_(acc.reshape({-1})); else view.zero_();
+      got_[k] = true;
+      --b.pending;
+    }
+    launch_ready_locked();
+  }
+  const double inv = 1.0 / comm_->size();
+  torch::NoGradGuard guard;
+  for (auto& b : buckets_) {
+    b.request->wait(comm_->timeout());
+    b.flat.mul_(inv);
+    for (auto& s : b.slots) {
+      auto& p = params_[s.param];
+      auto view = b.flat.slice(0, s.offset, s.offset + s.numel).view(p.sizes());
+      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+      p.mutable_grad().copy_(view);
+    }
+  }
+  auto t1 = Clock::now();
+  times_.wait = seconds(t0, t1);
+  times_.comm = any_launched_ ? seconds(first_launch_, t1) : 0.0;
+}
+
+DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Module> module,
+                                                 comm::CommunicatorPtr comm, DdpOptions opts)
+    : BucketedSync(std::move(module), std::move(comm), opts) {}
+
+comm::RequestPtr DistributedDataParallel::launch(at::Tensor& flat) { return comm_->all_reduce_async(flat); }
+
+}  // namespace tandem::sync
