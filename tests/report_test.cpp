@@ -1,4 +1,6 @@
 // report: results JSON files in, text report and gnuplot charts out.
+#include "tandem/report/report.h"
+
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -8,7 +10,6 @@
 #include <fstream>
 #include <sstream>
 
-#include "tandem/report/report.h"
 #include "tandem/util/check.h"
 
 namespace fs = std::filesystem;
@@ -33,8 +34,10 @@ void write(const fs::path& p, const std::string& text) {
 // summary value; accuracies are fractions; comm times are seconds per step.
 json make_run(const std::string& method, int world, double throughput, double epoch_time, double best_acc,
               const json& comm, bool timeline = false) {
-  json doc = {{"method", method},        {"world_size", world},
-              {"batch_size", 32},        {"start_time", "2024-05-01T10:00:00"},
+  json doc = {{"method", method},
+              {"world_size", world},
+              {"batch_size", 32},
+              {"start_time", "2024-05-01T10:00:00"},
               {"end_time", "2024-05-01T11:00:00"}};
   if (method == "ps") doc["num_workers"] = world - 1;
   json epochs = json::array();
@@ -51,9 +54,8 @@ json make_run(const std::string& method, int world, double throughput, double ep
     epochs.push_back(ep);
   }
   doc["epochs"] = epochs;
-  json summary = {{"avg_train_throughput", throughput},
-                  {"avg_train_time_per_epoch", epoch_time},
-                  {"best_val_accuracy", best_acc}};
+  json summary = {
+      {"avg_train_throughput", throughput}, {"avg_train_time_per_epoch", epoch_time}, {"best_val_accuracy", best_acc}};
   for (auto& [k, v] : comm.items()) summary[k] = v;
   doc["summary"] = summary;
   json losses = json::array();
@@ -62,8 +64,10 @@ json make_run(const std::string& method, int world, double throughput, double ep
   if (timeline) {
     json tl = json::array();
     for (int i = 0; i <= 40; ++i)
-      tl.push_back({{"t", i * 0.5}, {"buffer_fill", 4 + 3 * std::sin(i * 0.3)},
-                    {"data_busy", 0.5 + 0.3 * std::cos(i * 0.2)}, {"model_busy", 0.9 - 0.1 * std::sin(i * 0.5)}});
+      tl.push_back({{"t", i * 0.5},
+                    {"buffer_fill", 4 + 3 * std::sin(i * 0.3)},
+                    {"data_busy", 0.5 + 0.3 * std::cos(i * 0.2)},
+                    {"model_busy", 0.9 - 0.1 * std::sin(i * 0.5)}});
     doc["timeline"] = tl;
   }
   return doc;
@@ -72,8 +76,7 @@ json make_run(const std::string& method, int world, double throughput, double ep
 json ddp_run() { return make_run("baseline_ddp", 4, 1000.0, 50.0, 0.80, {{"avg_comm_time", 0.012}}); }
 json ring_run() { return make_run("all_reduce", 4, 1500.0, 33.33, 0.81, {{"avg_comm_time", 0.008}}); }
 json ps_run(bool timeline = true) {
-  return make_run("ps", 5, 800.0, 62.5, 0.79, {{"avg_comm_time_pull", 0.005}, {"avg_comm_time_push", 0.007}},
-                  timeline);
+  return make_run("ps", 5, 800.0, 62.5, 0.79, {{"avg_comm_time_pull", 0.005}, {"avg_comm_time_push", 0.007}}, timeline);
 }
 
 // The line of `text` that starts with `prefix`, or "" when none does.
@@ -112,17 +115,17 @@ class ReportTest : public ::testing::Test {
   fs::path dir_;
 };
 
-const std::vector<std::string> kCharts = {"throughput_comparison.png", "training_time_comparison.png",
-                                          "loss_curves.png", "accuracy_curves.png", "communication_overhead.png",
-                                          "utilization_timeline.png"};
+const std::vector<std::string> kCharts = {
+    "throughput_comparison.png", "training_time_comparison.png", "loss_curves.png",
+    "accuracy_curves.png",       "communication_overhead.png",   "utilization_timeline.png"};
 
 // Size in bytes of an empty 1000x600 pngcairo image (no border, tics, key).
 uintmax_t blank_png_size(const fs::path& dir) {
   auto gnuplot = report::find_gnuplot();
   if (!gnuplot) return 0;
   const fs::path png = dir / "blank.png";
-  const std::string cmd = "'" + gnuplot->string() +
-                          "' -e \"set terminal pngcairo size 1000,600; set output '" + png.string() +
+  const std::string cmd = "'" + gnuplot->string() + "' -e \"set terminal pngcairo size 1000,600; set output '" +
+                          png.string() +
                           "'; unset border; unset tics; unset key; set yrange [0:1]; plot -1\" 2>/dev/null";
   if (std::system(cmd.c_str()) != 0) return 0;
   return fs::file_size(png);
@@ -156,11 +159,14 @@ TEST_F(ReportTest, TextReportHoldsTheFixtureNumbers) {
   EXPECT_LT(text.find("Ring all-reduce"), text.find("Parameter server"));
   // Table 2: pull, push, all-reduce, total in ms per step.
   EXPECT_EQ(words(line_starting(text, "DDP (baseline)", table2)),
-            (std::vector<std::string>{"DDP", "(baseline)", "-", "-", "12.00", "12.00"})) << text;
+            (std::vector<std::string>{"DDP", "(baseline)", "-", "-", "12.00", "12.00"}))
+      << text;
   EXPECT_EQ(words(line_starting(text, "Ring all-reduce", table2)),
-            (std::vector<std::string>{"Ring", "all-reduce", "-", "-", "8.00", "8.00"})) << text;
+            (std::vector<std::string>{"Ring", "all-reduce", "-", "-", "8.00", "8.00"}))
+      << text;
   EXPECT_EQ(words(line_starting(text, "Parameter server", table2)),
-            (std::vector<std::string>{"Parameter", "server", "5.00", "7.00", "-", "12.00"})) << text;
+            (std::vector<std::string>{"Parameter", "server", "5.00", "7.00", "-", "12.00"}))
+      << text;
   // Columns are aligned: every row of table 1 has the same length as its header.
   const std::string header = line_starting(text, "Method");
   EXPECT_EQ(line_starting(text, "DDP (baseline)").size(), header.size());
@@ -209,11 +215,18 @@ TEST_F(ReportTest, ChartsArePngsWithContent) {
   EXPECT_TRUE(fs::exists(dir_ / "plots" / "summary.dat"));
 }
 
-TEST_F(ReportTest, NoTimelineNoUtilizationChart) {
+TEST_F(ReportTest, OptionalPartsMayBeMissing) {
   ASSERT_TRUE(report::find_gnuplot()) << "gnuplot is required: sudo apt-get install gnuplot-nox";
-  put("results_ps.json", ps_run(/*timeline=*/false));
+  json ps = ps_run(/*timeline=*/false);
+  ps.erase("all_losses");  // optional too: the loss chart says none was recorded
+  put("results_ps.json", ps);
+  json other = make_run("local_sgd", 2, 300.0, 10.0, 0.5, json::object());
+  put("results_local_sgd.json", other);
   std::ostringstream out, log;
   auto files = report::make_report(dir_, {true}, out, log);
+  EXPECT_EQ(words(line_starting(out.str(), "local_sgd")),
+            (std::vector<std::string>{"local_sgd", "2", "300.0", "10.00", "50.00", "-"}))
+      << out.str();
   EXPECT_EQ(files.plots.size(), kCharts.size() - 1);
   EXPECT_FALSE(fs::exists(dir_ / "plots" / "utilization_timeline.png"));
   EXPECT_TRUE(fs::exists(dir_ / "plots" / "communication_overhead.png"));
@@ -234,9 +247,11 @@ TEST_F(ReportTest, MalformedFilesAreSkippedNamingFileAndField) {
   auto files = report::make_report(dir_, {false}, out, log);
   const std::string msg = log.str();
   EXPECT_NE(msg.find((dir_ / "results_baseline_ddp.json").string() + ": missing field 'epochs[1].val_loss'"),
-            std::string::npos) << msg;
+            std::string::npos)
+      << msg;
   EXPECT_NE(msg.find((dir_ / "results_ps.json").string() + ": field 'summary.avg_train_throughput' is string"),
-            std::string::npos) << msg;
+            std::string::npos)
+      << msg;
   EXPECT_NE(msg.find((dir_ / "truncated.json").string() + ": not valid JSON"), std::string::npos) << msg;
   EXPECT_EQ(msg.find("notes.txt"), std::string::npos) << msg;
   ASSERT_EQ(files.inputs, std::vector<fs::path>{dir_ / "results_all_reduce.json"});
@@ -280,7 +295,8 @@ TEST_F(ReportTest, WithoutGnuplotTheTextReportIsStillWritten) {
   EXPECT_TRUE(files.plots.empty());
   EXPECT_TRUE(fs::exists(dir_ / "performance_report.txt"));
   EXPECT_NE(log.str().find("gnuplot not found: install it with `sudo apt-get install gnuplot-nox` to get the plots"),
-            std::string::npos) << log.str();
+            std::string::npos)
+      << log.str();
 }
 
 TEST_F(ReportTest, CommandLine) {

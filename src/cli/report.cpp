@@ -1,9 +1,10 @@
 // `tandem report DIR`: text report and charts comparing the runs in DIR.
+#include "tandem/report/report.h"
+
 #include <iostream>
 #include <memory>
 
 #include "commands.h"
-#include "tandem/report/report.h"
 
 namespace tandem::cli {
 

@@ -72,7 +72,7 @@ void run_gnuplot(const fs::path& gnuplot, const fs::path& dir, const std::string
   }
   const bool ok = status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
   if (!ok) {
-    const std::string how = status == -1 ? "could not be started"
+    const std::string how = status == -1        ? "could not be started"
                             : WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
                                                 : "was killed by a signal";
     if (err.size() > 2000) err = "..." + err.substr(err.size() - 2000);

@@ -13,7 +13,6 @@ void write_file(const std::filesystem::path& path, const std::string& text);
 
 // Runs `gnuplot SCRIPT` in `dir` (SCRIPT is a file name in `dir`). Throws
 // tandem::Error with gnuplot's exit status and stderr when it fails.
-void run_gnuplot(const std::filesystem::path& gnuplot, const std::filesystem::path& dir,
-                 const std::string& script);
+void run_gnuplot(const std::filesystem::path& gnuplot, const std::filesystem::path& dir, const std::string& script);
 
 }  // namespace tandem::report::detail

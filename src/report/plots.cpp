@@ -37,8 +37,12 @@ double nice_step(double max) {
 // names with '_' or '^' print as written.
 std::string preamble(const std::string& png, const std::string& title) {
   return "set terminal pngcairo noenhanced size 1000,600 font 'sans,11'\n"
-         "set output " + gp_quote(png) + "\n"
-         "set title " + gp_quote(title) + " font 'sans,14'\n"
+         "set output " +
+         gp_quote(png) +
+         "\n"
+         "set title " +
+         gp_quote(title) +
+         " font 'sans,14'\n"
          "set grid ytics lc rgb '#d0d0d0'\n"
          "set border 3\nset tics nomirror\n";
 }
@@ -61,14 +65,16 @@ std::string bar_yrange(double max) {
 }
 
 // summary.dat, one line per run: index, throughput (img/s), time per epoch
-// (s), pull, push, all-reduce (ms per step; 0 where not applicable).
+// (s), pull, push, all-reduce (ms per step; 0 where not applicable), and 1 if
+// any communication time was recorded, else 0.
 std::string summary_data(const std::vector<Run>& runs, const std::vector<std::string>& labels) {
-  std::string s = "# index throughput_img_s time_per_epoch_s pull_ms push_ms all_reduce_ms  # label\n";
+  std::string s = "# index throughput_img_s time_per_epoch_s pull_ms push_ms all_reduce_ms has_comm  # label\n";
   for (size_t i = 0; i < runs.size(); ++i) {
     const Run& r = runs[i];
     s += std::to_string(i) + " " + num(r.avg_train_throughput) + " " + num(r.avg_train_time_per_epoch) + " " +
          num(r.comm_pull.value_or(0) * 1e3) + " " + num(r.comm_push.value_or(0) * 1e3) + " " +
-         num(r.comm_all_reduce.value_or(0) * 1e3) + "  # " + labels[i] + "\n";
+         num(r.comm_all_reduce.value_or(0) * 1e3) + " " +
+         (r.comm_pull || r.comm_push || r.comm_all_reduce ? "1" : "0") + "  # " + labels[i] + "\n";
   }
   return s;
 }
@@ -80,8 +86,9 @@ std::string bar_chart(const std::vector<std::string>& labels, int column, double
                   "set style fill solid 0.85 border rgb '#404040'\nset boxwidth 0.6\n"
                   "plot \\\n";
   for (size_t i = 0; i < labels.size(); ++i) {
-    s += "  'summary.dat' every ::" + std::to_string(i) + "::" + std::to_string(i) + " using 1:" +
-         std::to_string(column) + " with boxes lc rgb '" + color(i) + "' title " + gp_quote(labels[i]) + ", \\\n";
+    s += "  'summary.dat' every ::" + std::to_string(i) + "::" + std::to_string(i) +
+         " using 1:" + std::to_string(column) + " with boxes lc rgb '" + color(i) + "' title " + gp_quote(labels[i]) +
+         ", \\\n";
   }
   return s + "  'summary.dat' using 1:" + std::to_string(column) + ":(sprintf(" + gp_quote(fmt) + ", $" +
          std::to_string(column) + ")) with labels offset 0,0.8 notitle\n";
@@ -100,7 +107,9 @@ std::string comm_chart(const std::vector<Run>& runs, const std::vector<std::stri
        "title 'Push (PS)', \\\n"
        "  'summary.dat' using 1:($4+$5+$6/2):($1-w):($1+w):($4+$5):($4+$5+$6) with boxxyerror lc rgb '#1f77b4' "
        "title 'All-reduce (DDP, ring)', \\\n"
-       "  'summary.dat' using 1:($4+$5+$6):(sprintf('%.2f ms', $4+$5+$6)) with labels offset 0,0.8 notitle\n";
+       "  'summary.dat' using 1:($4+$5+$6):($7 > 0 ? sprintf('%.2f ms', $4+$5+$6) : 'not recorded') with labels offset "
+       "0,0.8 "
+       "notitle\n";
   return s;
 }
 
@@ -149,17 +158,18 @@ std::string timeline_chart(const std::vector<Run>& runs, const std::vector<std::
     }
   }
   if (max_fill <= 0) max_fill = 1;
-  const double top = max_busy > 1 ? 100 : 1;  // shares written as percent or as fractions
+  const double top = max_busy > 1 ? 100 : 1;            // shares written as percent or as fractions
   const double rows = std::ceil(with_tl.size() / 3.0);  // legend rows of the top panel
   std::string s = preamble("utilization_timeline.png", "") +
                   "unset title\nset multiplot layout 2,1 title 'Input pipeline utilization over time' font 'sans,14'\n"
                   "set lmargin 12\nset rmargin 4\nset key top center horizontal maxcols 3\nset xlabel ''\n"
-                  "set ylabel 'prefetch buffer fill (batches)'\nset yrange [0:" + num(max_fill * (1.2 + 0.13 * rows)) +
-                  "]\nset ytics 0, " + num(nice_step(max_fill)) + ", " + num(max_fill * 1.05) + "\nplot \\\n";
+                  "set ylabel 'prefetch buffer fill (batches)'\nset yrange [0:" +
+                  num(max_fill * (1.2 + 0.13 * rows)) + "]\nset ytics 0, " + num(nice_step(max_fill)) + ", " +
+                  num(max_fill * 1.05) + "\nplot \\\n";
   for (size_t k = 0; k < with_tl.size(); ++k) {
     const size_t i = with_tl[k];
-    s += std::string(k ? ", \\\n" : "") + "  'timeline_" + std::to_string(i) + ".dat' using 1:2 with lines lw 2 lc rgb '" +
-         color(i) + "' title " + gp_quote(labels[i]);
+    s += std::string(k ? ", \\\n" : "") + "  'timeline_" + std::to_string(i) +
+         ".dat' using 1:2 with lines lw 2 lc rgb '" + color(i) + "' title " + gp_quote(labels[i]);
   }
   s += "\nset xlabel 'time since start (s)'\nset ylabel " +
        gp_quote(top > 1 ? "busy (% of time)" : "busy (fraction of time)") + "\nset yrange [0:" + num(top * 1.3) +
@@ -199,9 +209,9 @@ PlotFiles write_plots(const std::vector<Run>& runs, const fs::path& plots_dir, c
   charts.emplace_back("training_time_comparison.png",
                       preamble("training_time_comparison.png", "Average training time per epoch") +
                           "set ylabel 'time per epoch (s)'\n" + bar_chart(labels, 3, max_time, "%.2f s"));
-  charts.emplace_back("communication_overhead.png",
-                      preamble("communication_overhead.png", "Communication time per training step") +
-                          comm_chart(runs, labels));
+  charts.emplace_back(
+      "communication_overhead.png",
+      preamble("communication_overhead.png", "Communication time per training step") + comm_chart(runs, labels));
 
   // Loss: raw per-step loss faint, its moving average bold on top (long runs).
   std::vector<std::string> loss_plots;
@@ -212,7 +222,8 @@ PlotFiles write_plots(const std::vector<Run>& runs, const fs::path& plots_dir, c
     const std::string f = "loss_" + std::to_string(i) + ".dat";
     data(f, loss_data(l));
     if (smoothing_window(l.size()) == 1) {
-      loss_plots.push_back(gp_quote(f) + " using 1:2 with lines lw 2 lc rgb '" + color(i) + "' title " + gp_quote(labels[i]));
+      loss_plots.push_back(gp_quote(f) + " using 1:2 with lines lw 2 lc rgb '" + color(i) + "' title " +
+                           gp_quote(labels[i]));
     } else {
       smoothed = true;
       loss_plots.push_back(gp_quote(f) + " using 1:2 with lines lw 1 lc rgb '" + faint(i) + "' notitle");
@@ -225,8 +236,11 @@ PlotFiles write_plots(const std::vector<Run>& runs, const fs::path& plots_dir, c
                                            : "Training loss per step") +
       "set xlabel 'training step'\nset ylabel 'training loss (mean over ranks)'\nset key top right opaque\n";
   if (loss_plots.empty()) {
-    loss += "set label 'no per-step losses (all_losses) recorded' at graph 0.5, 0.5 center\n";
-    loss_plots.push_back("[0:1] NaN notitle");
+    // An empty frame: gnuplot refuses a plot whose points are all undefined.
+    loss +=
+        "set label 'no per-step losses (all_losses) recorded' at graph 0.5, 0.5 center\n"
+        "set xrange [0:1]\nset yrange [0:1]\n";
+    loss_plots.push_back("-1 notitle");
   }
   std::string joined;
   for (size_t i = 0; i < loss_plots.size(); ++i) joined += (i ? ", \\\n  " : "  ") + loss_plots[i];
@@ -237,9 +251,11 @@ PlotFiles write_plots(const std::vector<Run>& runs, const fs::path& plots_dir, c
   // the emptiest for the key.
   size_t max_epoch = 0;
   for (const auto& r : runs) max_epoch = std::max(max_epoch, r.result.epochs.size());
-  std::string acc = preamble("accuracy_curves.png", "Accuracy per epoch (solid: validation, dashed: training)") +
+  std::string acc = preamble("accuracy_curves.png",
+                             "Accuracy per epoch (validation: solid, filled dots; training: dashed, open circles)") +
                     "set xlabel 'epoch'\nset ylabel 'accuracy (%)'\nset key bottom right opaque\n" +
-                    (max_epoch <= 20 ? "set xtics 1\n" : "") + "set offsets graph 0.02, graph 0.02, graph 0.05, graph 0.05\nplot \\\n";
+                    (max_epoch <= 20 ? "set xtics 1\n" : "") +
+                    "set offsets graph 0.02, graph 0.02, graph 0.05, graph 0.05\nplot \\\n";
   for (size_t i = 0; i < runs.size(); ++i) {
     const std::string f = "accuracy_" + std::to_string(i) + ".dat";
     data(f, accuracy_data(runs[i]));

@@ -121,7 +121,11 @@ std::string display_name(const std::string& method) {
   if (method == "baseline_ddp") return "DDP (baseline)";
   if (method == "all_reduce") return "Ring all-reduce";
   if (method == "ps") return "Parameter server";
-  return method;
+  // Any other name is shown as written, on one line (tables, chart labels).
+  std::string name = method;
+  for (char& c : name)
+    if (static_cast<unsigned char>(c) < 0x20) c = ' ';
+  return name;
 }
 
 bool report_order(const Run& a, const Run& b) {
@@ -176,7 +180,8 @@ Run parse_run(const json& doc, const fs::path& file) {
   const json& epochs = require(doc, "epochs", "");
   TANDEM_CHECK(epochs.is_array(), "field 'epochs' is ", epochs.type_name(), ", expected an array");
   TANDEM_CHECK(!epochs.empty(), "field 'epochs' is empty");
-  for (size_t i = 0; i < epochs.size(); ++i) r.epochs.push_back(parse_epoch(epochs[i], "epochs[" + std::to_string(i) + "]"));
+  for (size_t i = 0; i < epochs.size(); ++i)
+    r.epochs.push_back(parse_epoch(epochs[i], "epochs[" + std::to_string(i) + "]"));
 
   const json& summary = require(doc, "summary", "");
   TANDEM_CHECK(summary.is_object(), "field 'summary' is ", summary.type_name(), ", expected an object");
@@ -199,8 +204,8 @@ Run parse_run(const json& doc, const fs::path& file) {
       const std::string p = "timeline[" + std::to_string(i) + "].";
       const json& t = (*timeline)[i];
       TANDEM_CHECK(t.is_object(), "field '", p.substr(0, p.size() - 1), "' is ", t.type_name(), ", expected an object");
-      r.timeline.push_back({number(t, "t", p), number(t, "buffer_fill", p), number(t, "data_busy", p),
-                            number(t, "model_busy", p)});
+      r.timeline.push_back(
+          {number(t, "t", p), number(t, "buffer_fill", p), number(t, "data_busy", p), number(t, "model_busy", p)});
     }
   }
   return run;

@@ -79,16 +79,14 @@ std::string format_report(const std::vector<Run>& runs) {
      << "\n\n";
 
   os << "Training\n";
-  Table train({"Method", "World size", "Throughput (img/s)", "Time/epoch (s)", "Best val acc (%)",
-               "Speedup vs DDP"});
+  Table train({"Method", "World size", "Throughput (img/s)", "Time/epoch (s)", "Best val acc (%)", "Speedup vs DDP"});
   bool have_ddp = false;
   for (size_t i = 0; i < runs.size(); ++i) {
     const Run& r = runs[i];
     const Run* ddp = ddp_reference(runs, r);
     have_ddp = have_ddp || ddp;
-    std::string speedup = ddp && ddp->avg_train_throughput > 0
-                              ? fixed(r.avg_train_throughput / ddp->avg_train_throughput, 2, "x")
-                              : "-";
+    std::string speedup =
+        ddp && ddp->avg_train_throughput > 0 ? fixed(r.avg_train_throughput / ddp->avg_train_throughput, 2, "x") : "-";
     train.add({labels[i], std::to_string(r.result.world_size), fixed(r.avg_train_throughput, 1),
                fixed(r.avg_train_time_per_epoch, 2), fixed(r.best_val_accuracy * accuracy_scale(r), 2), speedup});
   }

@@ -85,17 +85,17 @@ struct ReportOptions {
 };
 
 struct ReportFiles {
-  std::filesystem::path text_report;             // DIR/performance_report.txt
-  std::vector<std::filesystem::path> plots;      // PNGs written into DIR/plots/
+  std::filesystem::path text_report;                // DIR/performance_report.txt
+  std::vector<std::filesystem::path> plots;         // PNGs written into DIR/plots/
   std::vector<std::filesystem::path> plot_sources;  // their data files and scripts
-  std::vector<std::filesystem::path> inputs;     // results files used
-  bool gnuplot_missing = false;                  // plots wanted, gnuplot not on PATH
+  std::vector<std::filesystem::path> inputs;        // results files used
+  bool gnuplot_missing = false;                     // plots wanted, gnuplot not on PATH
 };
 
 // The whole `tandem report DIR`: prints the text report on `out`, writes it to
 // DIR/performance_report.txt and, unless options.plots is false, the charts
 // into DIR/plots/. Skipped inputs and the "gnuplot not found" hint go to `log`.
-ReportFiles make_report(const std::filesystem::path& dir, const ReportOptions& options,
-                        std::ostream& out, std::ostream& log);
+ReportFiles make_report(const std::filesystem::path& dir, const ReportOptions& options, std::ostream& out,
+                        std::ostream& log);
 
 }  // namespace tandem::report
