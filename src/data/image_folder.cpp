@@ -210,7 +210,7 @@ Example ImageFolderDataset::get(int64_t index, const LoadContext& ctx) const {
       return Example{load(i, ctx), targets_[static_cast<size_t>(i)]};
     } catch (const Error& e) {
       if (!options_.skip_bad_samples)
-        TANDEM_FAIL("image folder: bad sample ", i, " '", paths_[static_cast<size_t>(i)], "': ", e.what(),
+        TANDEM_FAIL("image folder '", dir_, "', sample ", i, ": ", e.what(),
                     " (fix or delete the file, or enable skip_bad_samples to replace bad files)");
       bad_samples_.fetch_add(1);
       if (first_error.empty()) first_error = e.what();
