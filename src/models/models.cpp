@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include "tandem/models/resnet.h"
 #include "tandem/util/check.h"
 
 namespace tandem::models {
@@ -48,6 +49,10 @@ Model make_model(const ModelSpec& spec) {
   if (spec.name == "mlp") {
     auto m = std::make_shared<MlpImpl>(c * h * w, spec.num_classes);
     return {m, [m](const at::Tensor& x) { return m->forward(x); }};
+  }
+  if (spec.name == "resnet18" || spec.name == "resnet50") {
+    auto m = make_resnet(spec.name == "resnet18" ? 18 : 50, spec.num_classes, c);
+    return {m, [m](const at::Tensor& x) { return resnet_forward(*m, x); }};
   }
   std::string list;
   for (auto& n : model_names()) list += (list.empty() ? "" : ", ") + n;
