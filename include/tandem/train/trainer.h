@@ -1,0 +1,69 @@
+#pragma once
+// Trainer: the training loop every strategy shares.
+//
+// One Trainer per rank. run() trains `epochs` epochs with the chosen gradient
+// synchroniser, evaluates on the test split after each (distributed, exact
+// counts), and returns the same RunResult on every rank; the logging rank
+// shows the progress bar and writes the results JSON and the trace.
+#include <string>
+
+#include "tandem/comm/communicator.h"
+#include "tandem/train/results.h"
+
+namespace tandem::train {
+
+struct TrainOptions {
+  // What to train.
+  std::string model = "cnn";
+  std::string dataset = "fashion-mnist";  // fashion-mnist | imagefolder
+  std::string data_dir;                   // default: the Debian package's folder
+  int64_t limit = 0;                      // > 0: first N training samples only
+  int64_t val_limit = 0;                  // > 0: first N test samples only
+  int64_t image_size = 0;                 // imagefolder: crop size (default 224, 28 for 1-channel)
+  int64_t channels = 0;                   // imagefolder: 1 or 3 (default 3)
+  int64_t num_classes = 0;                // default: from the data set
+  std::string weights;                    // initial weights file
+  // How.
+  int epochs = 1;
+  int64_t batch_size = 64;  // per rank
+  double lr = 0.05;
+  double momentum = 0.9;
+  std::string strategy = "ddp";  // ddp | ring | ps | none (compute only, no communication)
+  double bucket_mb = 25.0;
+  int grad_accum = 1;
+  uint64_t seed = 42;
+  int threads = 0;  // intra-op threads per rank; 0: cores / local ranks
+  double timeout_s = 300;
+  // Parameter server.
+  int ps_servers = 1;
+  std::string ps_mode = "sync";  // sync | async | ssp
+  int staleness = 0;
+  std::string ps_transport = "collective";  // collective | p2p
+  // Data pipeline.
+  int num_workers = 2;
+  int buffer_size = 50;   // 0: auto (from workers, batch bytes and a RAM budget)
+  int warmup_batches = -1;  // -1: min(buffer, 2 x workers)
+  double model_start_delay = 2.0;
+  bool static_shapes = false;
+  bool cache = false;
+  double cache_max_gb = 4.0;
+  bool skip_bad_samples = false;
+  std::string data_device;   // "" | cpu | cuda | cuda:N
+  std::string model_device;
+  // Output.
+  std::string output = "results";  // a directory, or a .json file; "" writes nothing
+  std::string trace_path;
+  bool progress = true;
+  bool quiet = false;
+  int local_world_size = 1;  // set from the rendezvous, for the default thread count
+};
+
+// Seed 002's method name of a strategy: ddp -> baseline_ddp, ring -> all_reduce, ps -> ps.
+std::string method_name(const std::string& strategy);
+
+// Checks every option; throws tandem::Error naming the flag and accepted values.
+void validate(const TrainOptions& opts);
+
+RunResult run_training(const TrainOptions& opts, comm::CommunicatorPtr comm);
+
+}  // namespace tandem::train

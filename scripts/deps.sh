@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages tandem needs, if any is missing. Idempotent.
+set -euo pipefail
+pkgs=(build-essential cmake ccache libtorch-dev libgloo-dev libcli11-dev nlohmann-json3-dev libspdlog-dev
+      libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libturbojpeg0-dev libpng-dev gnuplot-nox
+      dataset-fashion-mnist python3-torch)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "tandem: installing missing Debian packages: ${missing[*]}"
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "tandem: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"

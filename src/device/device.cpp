@@ -1,0 +1,47 @@
+#include "tandem/device/device.h"
+
+#include <torch/cuda.h>
+
+#include "tandem/util/check.h"
+
+namespace tandem::device {
+
+int cuda_device_count() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
+
+c10::Device parse(const std::string& spec, const std::string& flag) {
+  std::string s = spec;
+  if (!s.empty() && std::all_of(s.begin(), s.end(), ::isdigit)) s = "cuda:" + s;
+  if (s == "cpu") return c10::Device(c10::kCPU);
+  TANDEM_CHECK(s.rfind("cuda", 0) == 0, flag, " ", spec, ": unknown device; use cpu, cuda or cuda:N");
+  int index = 0;
+  if (s.size() > 4) {
+    TANDEM_CHECK(s[4] == ':' && s.size() > 5 && std::all_of(s.begin() + 5, s.end(), ::isdigit), flag, " ", spec,
+                 ": malformed device; use cpu, cuda or cuda:N");
+    index = std::stoi(s.substr(5));
+  }
+  const int n = cuda_device_count();
+  TANDEM_CHECK(n > 0, flag, " ", spec, ": this machine has no CUDA device (or this LibTorch was built without CUDA); "
+               "use cpu, or run `tandem doctor` to see what is missing");
+  std::string list;
+  for (int i = 0; i < n; ++i) list += (i ? ", cuda:" : "cuda:") + std::to_string(i);
+  TANDEM_CHECK(index < n, flag, " ", spec, ": no such device: this machine has ", n, " CUDA device",
+               n == 1 ? "" : "s", ": ", list);
+  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
+}
+
+std::string Plan::describe() const {
+  if (dual) return "dual-device: data on " + data.str() + ", model on " + model.str();
+  return "single-device buffered: data and model on " + model.str();
+}
+
+Plan plan(const std::string& data_spec, const std::string& model_spec) {
+  Plan p;
+  if (!model_spec.empty()) p.model = parse(model_spec, "--model-device");
+  if (!data_spec.empty()) p.data = parse(data_spec, "--data-device");
+  else p.data = c10::Device(c10::kCPU);
+  if (model_spec.empty() && !data_spec.empty()) p.model = p.data;
+  p.dual = p.data != p.model;
+  return p;
+}
+
+}  // namespace tandem::device
