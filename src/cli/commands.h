@@ -6,5 +6,8 @@
 namespace tandem::cli {
 void register_train(CLI::App& app);
 void register_launch(CLI::App& app);
+void register_compare(CLI::App& app);
+void register_doctor(CLI::App& app);
+void register_data(CLI::App& app);
 void register_report(CLI::App& app);
 }  // namespace tandem::cli

@@ -1,11 +1,13 @@
 // The `tandem` command-line tool.
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 
 #include "commands.h"
 #include "tandem/comm/communicator.h"
 #include "tandem/config.h"
 #include "tandem/util/check.h"
+#include "train_options.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"tandem: data-parallel training on every device it is given (LibTorch, c10d Gloo/NCCL)"};
@@ -13,19 +15,25 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   tandem::cli::register_train(app);
   tandem::cli::register_launch(app);
+  tandem::cli::register_compare(app);
+  tandem::cli::register_doctor(app);
+  tandem::cli::register_data(app);
   tandem::cli::register_report(app);
+  const char* rank = std::getenv("RANK");
+  const std::string who = rank ? std::string("tandem (rank ") + rank + ")" : std::string("tandem");
+  for (int i = 1; i < argc; ++i) tandem::cli::original_args().push_back(argv[i]);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const tandem::CommError& e) {
-    std::cerr << "tandem: communication error: " << e.what() << "\n";
+    std::cerr << who << ": communication error: " << e.what() << "\n";
     return 3;
   } catch (const tandem::Error& e) {
-    std::cerr << "tandem: error: " << e.what() << "\n";
+    std::cerr << who << ": error: " << e.what() << "\n";
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "tandem: unexpected error: " << e.what() << "\n";
+    std::cerr << who << ": unexpected error: " << e.what() << "\n";
     return 1;
   }
   return 0;

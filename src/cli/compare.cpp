@@ -1,0 +1,96 @@
+// `tandem compare`: the seed-002 experiment. Trains the same model on the same
+// data with each method in turn (same seed, same per-rank batch), each as its
+// own local job, then runs the report over the results directory.
+#include <algorithm>
+#include <iostream>
+#include <memory>
+#include <sstream>
+
+#include "commands.h"
+#include "tandem/report/report.h"
+#include "tandem/util/check.h"
+#include "train_options.h"
+
+namespace tandem::cli {
+namespace {
+
+std::vector<std::string> split_csv(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+// The user's flags for `compare`, turned into flags for `train`: drop the
+// ones compare owns (--methods, --out, --strategy, --output) and the subcommand name.
+std::vector<std::string> forwarded_flags() {
+  std::vector<std::string> out;
+  const auto& args = original_args();
+  bool seen_sub = false;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (!seen_sub) {
+      if (a == "compare") seen_sub = true;
+      continue;
+    }
+    bool owned = false;
+    for (const char* f : {"--methods", "--out", "--strategy", "--output", "-o", "--no-report"}) {
+      std::string flag(f);
+      if (a == flag) {
+        owned = true;
+        if (flag != "--no-report") ++i;  // skip its value
+      } else if (a.rfind(flag + "=", 0) == 0) {
+        owned = true;
+      }
+    }
+    if (!owned) out.push_back(a);
+  }
+  return out;
+}
+
+}  // namespace
+
+void register_compare(CLI::App& app) {
+  auto* sub = app.add_subcommand(
+      "compare",
+      "Train the same model with DDP, the ring all-reduce and the parameter server, one after another, "
+      "then write the comparison report (seed 002's experiment)");
+  auto f = std::make_shared<TrainFlags>();
+  f->nproc = 2;
+  auto methods = std::make_shared<std::string>("ddp,ring,ps");
+  auto out = std::make_shared<std::string>("results");
+  auto no_report = std::make_shared<bool>(false);
+  add_train_flags(sub, *f, /*with_strategy=*/false);
+  sub->add_option("--methods", *methods, "Methods to run, in order: ddp, ring, ps (comma separated)")
+      ->capture_default_str();
+  sub->add_option("--out", *out, "Results directory")->capture_default_str();
+  sub->add_flag("--no-report", *no_report, "Only train; skip `tandem report`");
+  sub->footer("Example:\n  tandem compare --nproc 4 --epochs 3 --methods ddp,ring,ps --out results/");
+  sub->callback([f, methods, out, no_report] {
+    finalize_train_flags(*f);
+    auto list = split_csv(*methods);
+    TANDEM_CHECK(!list.empty(), "--methods is empty: give e.g. ddp,ring,ps");
+    for (const auto& m : list)
+      TANDEM_CHECK(m == "ddp" || m == "ring" || m == "ps", "--methods: unknown method '", m,
+                   "': choose from ddp, ring, ps");
+    auto base = forwarded_flags();
+    for (const auto& m : list) {
+      std::cerr << "[tandem compare] method " << m << " on " << f->nproc << " local ranks\n";
+      std::vector<std::string> args{"train"};
+      args.insert(args.end(), base.begin(), base.end());
+      for (const std::string& extra : {std::string("--strategy"), m, std::string("--output"), *out})
+        args.push_back(extra);
+      if (std::find(base.begin(), base.end(), "--nproc") == base.end()) {
+        args.push_back("--nproc");
+        args.push_back(std::to_string(f->nproc));
+      }
+      int code = relaunch_local(f->nproc, args);
+      TANDEM_CHECK(code == 0, "tandem compare: method ", m, " failed (exit code ", code, "); see the messages above");
+    }
+    if (!*no_report) report::make_report(*out, report::ReportOptions{}, std::cout, std::cerr);
+  });
+}
+
+}  // namespace tandem::cli

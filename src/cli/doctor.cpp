@@ -1,0 +1,176 @@
+// `tandem doctor`: the seeds' validation tool. Checks, step by step with a
+// pass/fail mark and the reason, that this machine can run the requested
+// configuration. Exit code 0 only if every check passes.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <memory>
+
+#include <torch/cuda.h>
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include "commands.h"
+#include "tandem/comm/env.h"
+#include "tandem/comm/rendezvous.h"
+#include "tandem/data/idx.h"
+#include "tandem/data/loader.h"
+#include "tandem/device/device.h"
+#include "tandem/models/models.h"
+#include "tandem/util/check.h"
+#include "train_options.h"
+
+namespace tandem::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Doctor {
+  int failed = 0;
+  void mark(const char* status, const std::string& what, const std::string& why) {
+    std::printf("  [%s] %-34s %s\n", status, what.c_str(), why.c_str());
+    std::fflush(stdout);
+  }
+  template <typename F>
+  void check(const std::string& what, F&& fn) {
+    try {
+      std::string detail = fn();
+      mark("PASS", what, detail);
+    } catch (const std::exception& e) {
+      ++failed;
+      mark("FAIL", what, e.what());
+    }
+  }
+  void not_available(const std::string& what, const std::string& why) { mark("n/a ", what, why); }
+};
+
+std::string fmt(const char* f, double a, double b = 0) {
+  char buf[200];
+  std::snprintf(buf, sizeof buf, f, a, b);
+  return buf;
+}
+
+// Every rank of `doctor --nproc N`: meet, all-reduce, check the sum.
+int allreduce_rank() {
+  auto c = comm::init_from_env();
+  auto t = torch::full({1 << 20}, static_cast<float>(c->rank() + 1));
+  auto t0 = Clock::now();
+  c->all_reduce(t);
+  double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  const float want = c->size() * (c->size() + 1) / 2.0f;
+  bool ok = torch::equal(t, torch::full({1 << 20}, want));
+  if (c->rank() == 0)
+    std::printf("      all-reduce of 4 MiB across %d ranks: %s in %.1f ms\n", c->size(), ok ? "correct" : "WRONG", ms);
+  return ok ? 0 : 4;
+}
+
+}  // namespace
+
+void register_doctor(CLI::App& app) {
+  auto* sub = app.add_subcommand("doctor", "Check this machine for a tandem run: LibTorch build, devices, model "
+                                           "creation, transfers, a simulated pipeline, and (--nproc) ranks");
+  struct Flags {
+    std::string data_device, model_device;
+    int nproc = 0;
+    bool rank_check = false;
+  };
+  auto f = std::make_shared<Flags>();
+  sub->add_option("--data-device", f->data_device, "Data device to check: cpu, cuda, cuda:N");
+  sub->add_option("--model-device", f->model_device, "Model device to check: cpu, cuda, cuda:N");
+  sub->add_option("--nproc", f->nproc, "Also start N local ranks and all-reduce across them");
+  sub->add_flag("--rank-check", f->rank_check, "(internal) run as one rank of the --nproc check")->group("");
+  sub->callback([f] {
+    if (f->rank_check) {
+      int code = allreduce_rank();
+      if (code) std::exit(code);
+      return;
+    }
+    Doctor d;
+    std::printf("tandem doctor\n");
+    d.check("LibTorch", [] {
+      std::string s = "version " TORCH_VERSION ", c10d Gloo: ";
+#ifdef USE_C10D_GLOO
+      s += "yes";
+#else
+      s += "NO";
+#endif
+      s += ", NCCL: ";
+#ifdef USE_C10D_NCCL
+      s += "yes";
+#else
+      s += "no";
+#endif
+      s += ", CUDA: " + std::string(torch::cuda::is_available() ? "yes" : "no");
+      return s;
+    });
+    const int ncuda = device::cuda_device_count();
+    if (ncuda == 0)
+      d.not_available("CUDA devices", "none visible (CPU-only LibTorch or no driver); CPU training works");
+    else
+      d.check("CUDA devices", [&] { return std::to_string(ncuda) + " visible"; });
+    device::Plan plan;
+    d.check("requested devices", [&] {
+      plan = device::plan(f->data_device, f->model_device);
+      return plan.describe();
+    });
+    d.check("model on the model device", [&] {
+      auto m = models::make_model({"cnn"});
+      m.module->to(plan.model);
+      auto y = m.forward(torch::randn({8, 1, 28, 28}, torch::TensorOptions().device(plan.model)));
+      TANDEM_CHECK(y.size(1) == 10 && y.device() == plan.model, "forward gave a wrong shape or device");
+      return "cnn created and run on " + plan.model.str();
+    });
+    d.check("transfer " + plan.data.str() + " -> " + plan.model.str(), [&] {
+      auto src = torch::randn({16 << 20}, torch::TensorOptions().device(plan.data));  // 64 MiB
+      if (plan.data.is_cpu() && plan.model.is_cuda()) src = src.pin_memory();
+      auto dst = src.to(plan.model, false, /*copy=*/true);
+      if (plan.model.is_cuda()) torch::cuda::synchronize();
+      auto t0 = Clock::now();
+      for (int i = 0; i < 3; ++i) dst = src.to(plan.model, true, true);
+      if (plan.model.is_cuda()) torch::cuda::synchronize();
+      double s = std::chrono::duration<double>(Clock::now() - t0).count() / 3;
+      TANDEM_CHECK(torch::equal(dst.cpu(), src.cpu()), "the copy differs from the source");
+      return fmt("64 MiB in %.2f ms: %.2f GB/s", s * 1e3, 0.064 * 1.048576 / s);
+    });
+    d.check("simulated pipeline", [&] {
+      auto images = torch::randint(0, 255, {4096, 28, 28}, torch::kUInt8);
+      auto labels = torch::randint(0, 10, {4096}, torch::kInt64);
+      auto ds = std::make_shared<data::TensorDataset>(images, labels, 0.5, 0.5, 10, "synthetic");
+      data::LoaderOptions lo;
+      lo.batch_size = 64;
+      lo.num_workers = 2;
+      lo.buffer_size = 8;
+      data::Loader loader(ds, lo);
+      std::vector<int64_t> idx(4096);
+      for (int64_t i = 0; i < 4096; ++i) idx[i] = i;
+      loader.start_epoch(idx, 0);
+      loader.wait_ready(4, 2.0);
+      auto m = models::make_model({"mlp"});
+      m.module->to(plan.model);
+      torch::optim::SGD opt(m.module->parameters(), 0.01);
+      auto t0 = Clock::now();
+      int64_t n = 0;
+      while (auto b = loader.next()) {
+        opt.zero_grad();
+        torch::nn::functional::cross_entropy(m.forward(b->input.to(plan.model)), b->target.to(plan.model)).backward();
+        opt.step();
+        ++n;
+      }
+      double wall = std::chrono::duration<double>(Clock::now() - t0).count();
+      TANDEM_CHECK(n == 64, "delivered ", n, " batches, expected 64");
+      return fmt("64 batches in %.2f s, stall %.1f%% of the time", wall, 100 * loader.stats().wait_seconds / wall);
+    });
+    if (f->nproc > 0) {
+      d.check("rendezvous + all-reduce, " + std::to_string(f->nproc) + " ranks", [&] {
+        int code = relaunch_local(f->nproc, {"doctor", "--rank-check"});
+        TANDEM_CHECK(code == 0, "a rank failed with exit code ", code);
+        return std::string("ranks met on loopback (FileStore) and summed correctly");
+      });
+    }
+    std::printf("%s\n", d.failed ? "doctor: some checks FAILED" : "doctor: all checks passed");
+    if (d.failed) std::exit(1);
+  });
+}
+
+}  // namespace tandem::cli

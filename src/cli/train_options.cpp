@@ -1,0 +1,114 @@
+#include "train_options.h"
+
+#include <cstdlib>
+#include <iostream>
+
+#include "tandem/comm/env.h"
+#include "tandem/comm/rendezvous.h"
+#include "tandem/launch/launcher.h"
+#include "tandem/util/check.h"
+
+namespace tandem::cli {
+
+std::vector<std::string>& original_args() {
+  static std::vector<std::string> args;
+  return args;
+}
+
+void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
+  auto& o = f.opts;
+  sub->add_option("--nproc", f.nproc, "Local ranks to start (processes on this machine)")->capture_default_str();
+  sub->add_option("--model", o.model, "Model: mlp, cnn, resnet18, resnet50")->capture_default_str();
+  sub->add_option("--dataset", o.dataset, "fashion-mnist or imagefolder (D/train/<class>/*.jpg, D/val/...)")
+      ->capture_default_str();
+  sub->add_option("--data-dir,--data_dir", o.data_dir,
+                  "Data folder (default for fashion-mnist: /usr/share/datasets/fashion-mnist)");
+  sub->add_option("--limit", o.limit, "Use only the first N training samples (0: all)")->capture_default_str();
+  sub->add_option("--val-limit", o.val_limit, "Use only the first N test samples (0: all)")->capture_default_str();
+  sub->add_option("--image-size", o.image_size, "imagefolder: crop size in pixels (default 224)");
+  sub->add_option("--channels", o.channels, "imagefolder: 1 (grey) or 3 (RGB) input channels (default 3)");
+  sub->add_option("--num-classes", o.num_classes, "Output classes (default: from the data set)");
+  sub->add_option("--weights", o.weights, "Initial weights: a PyTorch state_dict file or a tandem checkpoint");
+  sub->add_option("--epochs", o.epochs, "Training epochs")->capture_default_str();
+  sub->add_option("--batch-size,--batch_size", o.batch_size, "Samples per step on each rank")->capture_default_str();
+  sub->add_option("--lr", o.lr, "SGD learning rate")->capture_default_str();
+  sub->add_option("--momentum", o.momentum, "SGD momentum")->capture_default_str();
+  if (with_strategy)
+    sub->add_option("--strategy", o.strategy,
+                    "Gradient sync: ddp (bucketed c10d all-reduce), ring (tandem's ring all-reduce), ps "
+                    "(parameter server), none (compute only, for benchmarks)")
+        ->capture_default_str();
+  sub->add_option("--bucket-mb", o.bucket_mb, "DDP/ring bucket size in MiB")->capture_default_str();
+  sub->add_option("--grad-accum", o.grad_accum, "Micro-steps per optimiser step (communicate on the last)")
+      ->capture_default_str();
+  sub->add_option("--seed", o.seed, "Seed for model init and shuffling")->capture_default_str();
+  sub->add_option("--threads", o.threads, "Intra-op threads per rank (0: cores / local ranks)")->capture_default_str();
+  sub->add_option("--timeout", o.timeout_s, "Seconds before a silent peer is declared failed")->capture_default_str();
+  sub->add_option("--ps-servers", o.ps_servers, "ps: server ranks (they shard the parameters, they do not train)")
+      ->capture_default_str();
+  sub->add_option("--ps-mode", o.ps_mode, "ps: sync (BSP), async (ASP) or ssp (bounded staleness)")
+      ->capture_default_str();
+  sub->add_option("--staleness", o.staleness, "ps ssp: how many steps a worker may run ahead of the slowest")
+      ->capture_default_str();
+  sub->add_option("--ps-transport", o.ps_transport, "ps sync: collective (broadcast/reduce) or p2p")
+      ->capture_default_str();
+  sub->add_option("--num-workers", o.num_workers, "Loader workers (0: load in the training thread, serially)")
+      ->capture_default_str();
+  sub->add_option("--buffer-size", f.buffer_size, "Prefetch buffer in batches, or auto")->capture_default_str();
+  sub->add_option("--warmup-batches", o.warmup_batches, "Batches buffered before the model starts (-1: min(buffer, 2 x workers))")
+      ->capture_default_str();
+  sub->add_option("--model-start-delay", o.model_start_delay, "Longest wait in seconds for the warm-up")
+      ->capture_default_str();
+  sub->add_flag("--static-shapes", o.static_shapes, "Pad the last batch (masked) so every batch has one shape");
+  sub->add_option("--data-device", o.data_device, "Where preprocessing runs: cpu, cuda, cuda:N");
+  sub->add_option("--model-device", o.model_device, "Where the model lives and trains: cpu, cuda, cuda:N");
+  sub->add_option("--data-gpu", f.data_gpu, "Alias: --data-device cuda:N");
+  sub->add_option("--model-gpu", f.model_gpu, "Alias: --model-device cuda:N");
+  sub->add_flag("--skip-bad-samples", o.skip_bad_samples, "imagefolder: replace undecodable images and count them");
+  sub->add_option("--output,-o", o.output, "Results: a directory (gets results_<method>.json) or a .json file")
+      ->capture_default_str();
+  sub->add_option("--trace", o.trace_path, "Write a Chrome trace (open in https://ui.perfetto.dev)");
+  sub->add_flag("--quiet", o.quiet, "No progress bar or per-epoch lines");
+  sub->add_option("--master-addr", f.master_addr, "Multi-host: address of rank 0's store (else MASTER_ADDR)");
+  sub->add_option("--master-port", f.master_port, "Multi-host: port of rank 0's store (else MASTER_PORT)");
+}
+
+void finalize_train_flags(TrainFlags& f) {
+  TANDEM_CHECK(f.nproc >= 1, "--nproc must be >= 1, got ", f.nproc);
+  if (f.buffer_size == "auto") {
+    f.opts.buffer_size = 0;
+  } else {
+    char* end = nullptr;
+    long v = std::strtol(f.buffer_size.c_str(), &end, 10);
+    TANDEM_CHECK(end && *end == '\0' && v >= 1, "--buffer-size must be a number >= 1 or auto, got '", f.buffer_size, "'");
+    f.opts.buffer_size = static_cast<int>(v);
+  }
+  if (f.data_gpu >= 0) f.opts.data_device = "cuda:" + std::to_string(f.data_gpu);
+  if (f.model_gpu >= 0) f.opts.model_device = "cuda:" + std::to_string(f.model_gpu);
+  if (f.data_gpu >= 0 && f.model_gpu >= 0) {
+    TANDEM_CHECK(f.data_gpu != f.model_gpu, "--data-gpu and --model-gpu are both ", f.data_gpu,
+                 ": dual-GPU mode needs two different GPUs (requires at least 2 GPUs)");
+  }
+  train::validate(f.opts);
+}
+
+train::RunResult run_as_rank(train::TrainOptions opts, const std::string& master_addr, int master_port) {
+  comm::RendezvousOptions ro;
+  ro.master_addr = master_addr;
+  ro.master_port = master_port;
+  ro.timeout = std::chrono::milliseconds(static_cast<int64_t>(opts.timeout_s * 1000));
+  auto world = comm::resolve_world(ro);
+  opts.local_world_size = world.local_world_size;
+  auto c = comm::init_from_env(ro);
+  return train::run_training(opts, c);
+}
+
+int relaunch_local(int nproc, const std::vector<std::string>& args) {
+  launch::LaunchOptions lo;
+  lo.nproc_per_node = nproc;
+  lo.command.push_back(launch::self_executable());
+  lo.command.insert(lo.command.end(), args.begin(), args.end());
+  return launch::launch(lo, std::cerr);
+}
+
+}  // namespace tandem::cli

@@ -1,0 +1,116 @@
+// End to end, real processes: `tandem train` and `tandem compare` on a
+// Fashion-MNIST subset, and the flag checks.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Run {
+  int code;
+  std::string output;
+};
+
+Run run(const std::string& args) {
+  std::string cmd = std::string(TANDEM_EXE) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, out};
+}
+
+fs::path temp_dir(const std::string& name) {
+  auto d = fs::temp_directory_path() / ("tandem_train_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+nlohmann::json read_json(const fs::path& p) {
+  std::ifstream f(p);
+  EXPECT_TRUE(f.good()) << p;
+  return nlohmann::json::parse(f);
+}
+
+void expect_schema(const nlohmann::json& j, bool ps) {
+  for (const char* k : {"method", "world_size", "batch_size", "start_time", "end_time", "epochs", "summary", "all_losses"})
+    EXPECT_TRUE(j.contains(k)) << k;
+  ASSERT_FALSE(j["epochs"].empty());
+  for (const auto& e : j["epochs"]) {
+    for (const char* k : {"epoch", "train_loss", "train_accuracy", "train_time", "train_throughput", "avg_batch_time",
+                          "val_loss", "val_accuracy"})
+      EXPECT_TRUE(e.contains(k)) << k;
+    if (ps) {
+      EXPECT_TRUE(e.contains("avg_comm_time_pull"));
+      EXPECT_TRUE(e.contains("avg_comm_time_push"));
+    } else {
+      EXPECT_TRUE(e.contains("avg_comm_time"));
+    }
+    EXPECT_GT(e["train_throughput"].get<double>(), 0);
+    EXPECT_GT(e["val_accuracy"].get<double>(), 0.3);  // learned something in one short epoch
+    EXPECT_TRUE(e["pipeline"].contains("stall_fraction"));
+  }
+  for (const char* k : {"avg_train_throughput", "avg_train_time_per_epoch", "best_val_accuracy"})
+    EXPECT_TRUE(j["summary"].contains(k)) << k;
+  if (ps) EXPECT_TRUE(j.contains("num_workers"));
+  EXPECT_FALSE(j["all_losses"].empty());
+}
+
+}  // namespace
+
+TEST(Train, TwoRanksOnASubsetWriteTheResultsJson) {
+  auto d = temp_dir("train");
+  auto r = run("train --nproc 2 --limit 2000 --val-limit 1000 --epochs 1 --output " + (d / "r.json").string());
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto j = read_json(d / "r.json");
+  expect_schema(j, false);
+  EXPECT_EQ(j["method"], "baseline_ddp");
+  EXPECT_EQ(j["world_size"], 2);
+  EXPECT_EQ(j["batch_size"], 64);
+  // 2000 samples, 2 ranks, batch 64: 16 steps per rank.
+  EXPECT_EQ(j["all_losses"].size(), 16u);
+  fs::remove_all(d);
+}
+
+TEST(Train, CompareRunsThreeMethodsAndReports) {
+  auto d = temp_dir("compare");
+  auto r = run("compare --nproc 3 --limit 1536 --val-limit 600 --epochs 1 --out " + d.string());
+  ASSERT_EQ(r.code, 0) << r.output;
+  expect_schema(read_json(d / "results_baseline_ddp.json"), false);
+  expect_schema(read_json(d / "results_all_reduce.json"), false);
+  auto ps = read_json(d / "results_ps.json");
+  expect_schema(ps, true);
+  EXPECT_EQ(ps["num_workers"], 2);
+  EXPECT_TRUE(fs::exists(d / "performance_report.txt"));
+  fs::remove_all(d);
+}
+
+TEST(Train, BadFlagsNameTheFlag) {
+  struct Case {
+    const char* args;
+    const char* says;
+  } cases[] = {
+      {"train --nproc 0", "--nproc must be >= 1"},
+      {"train --lr -1", "--lr must be a positive number"},
+      {"train --model alexnet", "unknown model 'alexnet'"},
+      {"train --strategy magic", "--strategy 'magic' is unknown"},
+      {"train --strategy ps", "at least 2 ranks"},
+      {"train --buffer-size zero", "--buffer-size must be a number >= 1 or auto"},
+      {"train --data-dir /nonexistent", "/nonexistent/train-images-idx3-ubyte.gz: no such file"},
+      {"train --model-device cuda:3", "cuda:3"},
+  };
+  for (const auto& c : cases) {
+    auto r = run(std::string(c.args) + " --quiet --output ''");
+    EXPECT_NE(r.code, 0) << c.args;
+    EXPECT_NE(r.output.find(c.says), std::string::npos) << c.args << "\n" << r.output;
+  }
+}
