@@ -59,7 +59,7 @@ json make_run(const std::string& method, int world, double throughput, double ep
   for (auto& [k, v] : comm.items()) summary[k] = v;
   doc["summary"] = summary;
   json losses = json::array();
-  for (int s = 0; s < 300; ++s) losses.push_back(2.3 * std::exp(-s / 100.0) + 0.1 * std::sin(s * 0.7 + world));
+  for (int s = 0; s < 300; ++s) losses.push_back(2.3 * std::exp(-s / (throughput / 10.0)) + 0.1 * std::sin(s * 0.7));
   doc["all_losses"] = losses;
   if (timeline) {
     json tl = json::array();
