@@ -80,6 +80,8 @@ TEST(Comm, ReduceToRoot) {
   tandem::comm::spawn(3, [&](int rank, CommunicatorPtr c) {
     auto t = torch::full({5}, static_cast<float>(rank + 1));
     c->reduce(t, 1);
-    if (rank == 1) ASSERT_TRUE(torch::equal(t, torch::full({5}, 6.0f)));
+    if (rank == 1) {
+      ASSERT_TRUE(torch::equal(t, torch::full({5}, 6.0f)));
+    }
   });
 }

@@ -136,7 +136,9 @@ TEST_P(SamplerTest, ShardsAreDisjointCoverAndReshuffle) {
     EXPECT_EQ(again.indices(), shards.back());
     // Another epoch: another order.
     again.set_epoch(4);
-    if (n > 10) EXPECT_NE(again.indices(), shards.back());
+    if (n > 10) {
+      EXPECT_NE(again.indices(), shards.back());
+    }
   }
   std::set<int64_t> distinct(seen.begin(), seen.end());
   if (rem == data::Remainder::kDrop) {
@@ -144,7 +146,9 @@ TEST_P(SamplerTest, ShardsAreDisjointCoverAndReshuffle) {
     EXPECT_EQ(distinct.size(), seen.size());  // disjoint
   } else {
     EXPECT_EQ(static_cast<int64_t>(distinct.size()), n);  // covers the epoch
-    if (rem == data::Remainder::kNone) EXPECT_EQ(static_cast<int64_t>(seen.size()), n);  // disjoint
+    if (rem == data::Remainder::kNone) {
+      EXPECT_EQ(static_cast<int64_t>(seen.size()), n);  // disjoint
+    }
     if (rem == data::Remainder::kPad) {
       EXPECT_EQ(static_cast<int64_t>(seen.size()), (n + world - 1) / world * world);
       for (auto& s : shards) EXPECT_EQ(s.size(), shards[0].size());
@@ -195,7 +199,9 @@ TEST_P(LoaderTest, DeliversEverySampleOnceInOrder) {
     int64_t batches = 0;
     while (auto b = loader.next()) {
       ++batches;
-      if (static_shapes) EXPECT_EQ(b->input.size(0), 8);
+      if (static_shapes) {
+        EXPECT_EQ(b->input.size(0), 8);
+      }
       for (int64_t i = 0; i < b->valid(); ++i) {
         got.push_back(static_cast<int64_t>(b->input[i][0][0][0].item<float>()));
         EXPECT_EQ(b->indices[i], got.back());

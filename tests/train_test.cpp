@@ -61,7 +61,9 @@ void expect_schema(const nlohmann::json& j, bool ps) {
   }
   for (const char* k : {"avg_train_throughput", "avg_train_time_per_epoch", "best_val_accuracy"})
     EXPECT_TRUE(j["summary"].contains(k)) << k;
-  if (ps) EXPECT_TRUE(j.contains("num_workers"));
+  if (ps) {
+    EXPECT_TRUE(j.contains("num_workers"));
+  }
   EXPECT_FALSE(j["all_losses"].empty());
 }
 

@@ -45,8 +45,6 @@ struct TrainOptions {
   int warmup_batches = -1;  // -1: min(buffer, 2 x workers)
   double model_start_delay = 2.0;
   bool static_shapes = false;
-  bool cache = false;
-  double cache_max_gb = 4.0;
   bool skip_bad_samples = false;
   std::string data_device;   // "" | cpu | cuda | cuda:N
   std::string model_device;

@@ -1,0 +1,44 @@
+// `tandem doctor` on this machine: CPU checks pass, CUDA is reported as not
+// available (not a crash), a bad device request fails with its reason.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <string>
+
+namespace {
+
+std::pair<int, std::string> run(const std::string& args) {
+  std::string cmd = std::string(TANDEM_EXE) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, out};
+}
+
+}  // namespace
+
+TEST(Doctor, CpuChecksPassWithRanks) {
+  auto [code, out] = run("doctor --nproc 2");
+  EXPECT_EQ(code, 0) << out;
+  for (const char* line : {"[PASS] LibTorch", "[PASS] requested devices", "[PASS] model on the model device",
+                           "[PASS] transfer cpu -> cpu", "[PASS] simulated pipeline", "[PASS] rendezvous + all-reduce"})
+    EXPECT_NE(out.find(line), std::string::npos) << line << "\n" << out;
+  EXPECT_NE(out.find("c10d Gloo: yes"), std::string::npos) << out;
+  EXPECT_NE(out.find("all-reduce of 4 MiB across 2 ranks: correct"), std::string::npos) << out;
+  EXPECT_NE(out.find("all checks passed"), std::string::npos) << out;
+}
+
+TEST(Doctor, MissingCudaIsReportedNotCrashed) {
+  auto [code, out] = run("doctor --data-device cpu --model-device cuda:0");
+  // On a CPU-only machine: CUDA is "n/a", the requested device fails with the reason.
+  if (out.find("[n/a ] CUDA devices") != std::string::npos) {
+    EXPECT_EQ(code, 1) << out;
+    EXPECT_NE(out.find("[FAIL] requested devices"), std::string::npos) << out;
+    EXPECT_NE(out.find("no CUDA device"), std::string::npos) << out;
+  } else {
+    EXPECT_EQ(code, 0) << out;  // a CUDA machine: the dual-device path must pass
+  }
+}
