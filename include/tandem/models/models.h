@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include <torch/nn/module.h>
+#include <torch/nn.h>
 
 namespace tandem::models {
 
