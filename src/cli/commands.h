@@ -10,4 +10,5 @@ void register_compare(CLI::App& app);
 void register_doctor(CLI::App& app);
 void register_data(CLI::App& app);
 void register_report(CLI::App& app);
+void register_bench(CLI::App& app);
 }  // namespace tandem::cli

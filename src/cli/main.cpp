@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   tandem::cli::register_doctor(app);
   tandem::cli::register_data(app);
   tandem::cli::register_report(app);
+  tandem::cli::register_bench(app);
   const char* rank = std::getenv("RANK");
   const std::string who = rank ? std::string("tandem (rank ") + rank + ")" : std::string("tandem");
   for (int i = 1; i < argc; ++i) tandem::cli::original_args().push_back(argv[i]);

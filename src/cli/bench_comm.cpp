@@ -1,0 +1,106 @@
+// `tandem bench comm`: all-reduce micro-benchmark (gloo, ring, ps), nccl-tests style.
+#include <csignal>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <memory>
+
+#include "commands.h"
+#include "tandem/collectives/bench.h"
+#include "tandem/comm/env.h"
+#include "tandem/comm/rendezvous.h"
+#include "tandem/launch/launcher.h"
+#include "tandem/util/check.h"
+
+namespace tandem::cli {
+namespace {
+
+struct BenchCommArgs {
+  int nproc = 2;
+  std::string min_bytes = "4K", max_bytes = "64M", algos = "gloo,ring,ps", json, ring_chunk = "default";
+  int iters = 20, warmup = 5;
+  double timeout_s = 300;
+};
+
+void run_bench_comm(const BenchCommArgs& a) {
+  collectives::BenchOptions o;
+  o.min_bytes = collectives::parse_bytes(a.min_bytes);
+  o.max_bytes = collectives::parse_bytes(a.max_bytes);
+  o.iters = a.iters;
+  o.warmup = a.warmup;
+  o.algos = collectives::parse_algos(a.algos);
+  if (a.ring_chunk != "default") o.ring_chunk_bytes = static_cast<size_t>(collectives::parse_bytes(a.ring_chunk));
+  collectives::validate(o);
+  TANDEM_CHECK(a.timeout_s > 0, "--timeout must be > 0 seconds, got ", a.timeout_s);
+  TANDEM_CHECK(a.nproc >= 1, "--nproc must be >= 1, got ", a.nproc);
+
+  const bool in_job = std::getenv(env::kWorldSize) != nullptr;
+  if (!in_job && a.nproc > 1) {
+    // Relaunch this executable as N ranks; they find WORLD_SIZE and run below.
+    launch::LaunchOptions lo;
+    lo.nproc_per_node = a.nproc;
+    lo.command = {launch::self_executable(), "bench", "comm", "--min-bytes", a.min_bytes, "--max-bytes",
+                  a.max_bytes, "--iters", std::to_string(a.iters), "--warmup", std::to_string(a.warmup),
+                  "--algos", a.algos, "--ring-chunk", a.ring_chunk, "--timeout", std::to_string(a.timeout_s)};
+    if (!a.json.empty()) lo.command.insert(lo.command.end(), {"--json", a.json});
+    int code = launch::launch(lo, std::cerr);
+    std::cout.flush();
+    std::cerr.flush();
+    if (code != 0) std::exit(code);
+    return;
+  }
+
+  // A peer that dies closes its sockets: writing to them must be a CommError,
+  // not death by SIGPIPE.
+  std::signal(SIGPIPE, SIG_IGN);
+  comm::RendezvousOptions ro;
+  ro.timeout = comm::Milliseconds(static_cast<int64_t>(a.timeout_s * 1000));
+  auto c = comm::init_from_env(ro);
+  auto rows = collectives::bench_comm(*c, o);
+  if (c->rank() == 0) {
+    std::cout << collectives::format_table(rows, c->size(), o) << std::flush;
+    if (!a.json.empty()) {
+      std::ofstream f(a.json);
+      TANDEM_CHECK(f.good(), "--json: cannot write '", a.json, "'");
+      f << collectives::to_json(rows, c->size(), o);
+      TANDEM_CHECK(f.good(), "--json: error writing '", a.json, "'");
+    }
+  }
+  c->barrier();  // no rank leaves while others still talk to it
+  bool all_ok = true;
+  for (const auto& r : rows) all_ok = all_ok && r.correct;
+  TANDEM_CHECK(all_ok, "bench comm: a result differs from the expected sum (see the check column)");
+}
+
+}  // namespace
+
+void register_bench(CLI::App& app) {
+  auto* bench = app.add_subcommand("bench", "Micro-benchmarks");
+  bench->require_subcommand(1);
+  auto* sub = bench->add_subcommand(
+      "comm",
+      "Time all-reduce over message sizes: c10d Gloo (gloo), tandem's ring (ring) and the parameter server's "
+      "reduce + broadcast (ps). Prints an nccl-tests style table (time, algbw, busbw, correctness check) and the "
+      "ring/gloo busbw ratio per size.");
+  auto a = std::make_shared<BenchCommArgs>();
+  sub->add_option("--nproc", a->nproc,
+                  "Ranks to start on this host (ignored when already started as a rank, e.g. by tandem launch)")
+      ->capture_default_str();
+  sub->add_option("--min-bytes", a->min_bytes, "Smallest message (bytes; K/M/G suffixes: 4K, 64M)")
+      ->capture_default_str();
+  sub->add_option("--max-bytes", a->max_bytes, "Largest message; sizes double from --min-bytes")
+      ->capture_default_str();
+  sub->add_option("--iters", a->iters, "Timed iterations per size and algorithm")->capture_default_str();
+  sub->add_option("--warmup", a->warmup, "Untimed iterations before timing")->capture_default_str();
+  sub->add_option("--algos", a->algos, "Comma-separated algorithms: gloo, ring, ps")->capture_default_str();
+  sub->add_option("--ring-chunk", a->ring_chunk,
+                  "ring: transfer unit within a step (bytes, K/M suffixes); default: ring_all_reduce's")
+      ->capture_default_str();
+  sub->add_option("--json", a->json, "Also write the rows as JSON to this file (rank 0)");
+  sub->add_option("--timeout", a->timeout_s, "Seconds before a silent peer is an error")->capture_default_str();
+  sub->footer("Examples:\n  tandem bench comm --nproc 2\n  tandem bench comm --nproc 4 --min-bytes 1M --max-bytes 256M "
+              "--algos gloo,ring --json comm.json");
+  sub->callback([a] { run_bench_comm(*a); });
+}
+
+}  // namespace tandem::cli

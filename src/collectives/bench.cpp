@@ -1,0 +1,214 @@
+// `tandem bench comm`: all-reduce micro-benchmark over gloo, ring and ps.
+#include "tandem/collectives/bench.h"
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cstdio>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "tandem/collectives/ring_allreduce.h"
+#include "tandem/util/check.h"
+
+namespace tandem::collectives {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+void run_once(comm::Communicator& comm, const std::string& algo, at::Tensor& t, const BenchOptions& o) {
+  if (algo == "gloo") {
+    comm.all_reduce(t);
+  } else if (algo == "ring") {
+    RingOptions r;
+    r.chunk_bytes = o.ring_chunk_bytes;
+    ring_all_reduce(comm, t, r);
+  } else {
+    comm.reduce(t, 0);
+    comm.broadcast(t, 0);
+  }
+}
+
+// rank+1+(i%7): small integers, so every sum is exact in float32.
+at::Tensor pattern(int64_t numel, int rank) {
+  return at::arange(numel, at::kLong).remainder(7).to(at::kFloat).add_(rank + 1);
+}
+
+}  // namespace
+
+const std::vector<std::string>& bench_algorithms() {
+  static const std::vector<std::string> names{"gloo", "ring", "ps"};
+  return names;
+}
+
+std::vector<std::string> parse_algos(const std::string& list) {
+  std::vector<std::string> out;
+  std::stringstream ss(list);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    const auto& known = bench_algorithms();
+    TANDEM_CHECK(std::find(known.begin(), known.end(), item) != known.end(), "--algos: unknown algorithm '", item,
+                 "' (accepted: gloo, ring, ps)");
+    if (std::find(out.begin(), out.end(), item) == out.end()) out.push_back(item);
+  }
+  TANDEM_CHECK(!out.empty(), "--algos: empty list (accepted: gloo, ring, ps, comma-separated)");
+  return out;
+}
+
+int64_t parse_bytes(const std::string& s) {
+  auto bad = [&] {
+    TANDEM_FAIL("'", s, "' is not a byte size: use a number with an optional K, M or G suffix (4096, 4K, 64M)");
+  };
+  size_t pos = 0;
+  while (pos < s.size() && std::isdigit(static_cast<unsigned char>(s[pos]))) ++pos;
+  if (pos == 0 || pos > 15) bad();
+  int64_t v = std::stoll(s.substr(0, pos));
+  std::string suffix = s.substr(pos);
+  for (auto& c : suffix) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  if (suffix.size() >= 2 && suffix.substr(suffix.size() - 2) == "IB") suffix.resize(suffix.size() - 2);
+  else if (suffix.size() >= 2 && suffix.back() == 'B') suffix.pop_back();
+  else if (suffix == "B") suffix.clear();
+  int64_t mult = 1;
+  if (suffix == "K") mult = 1LL << 10;
+  else if (suffix == "M") mult = 1LL << 20;
+  else if (suffix == "G") mult = 1LL << 30;
+  else if (!suffix.empty()) bad();
+  return v * mult;
+}
+
+void validate(const BenchOptions& o) {
+  TANDEM_CHECK(o.min_bytes >= 4, "--min-bytes must be at least 4 (one float), got ", o.min_bytes);
+  TANDEM_CHECK(o.max_bytes >= o.min_bytes, "--max-bytes (", o.max_bytes, ") must be >= --min-bytes (", o.min_bytes,
+               ")");
+  TANDEM_CHECK(o.max_bytes <= (int64_t{1} << 34), "--max-bytes must be at most 16G, got ", o.max_bytes);
+  TANDEM_CHECK(o.ring_chunk_bytes >= 4, "--ring-chunk must be at least 4 bytes, got ", o.ring_chunk_bytes);
+  TANDEM_CHECK(o.iters >= 1, "--iters must be >= 1, got ", o.iters);
+  TANDEM_CHECK(o.warmup >= 0, "--warmup must be >= 0, got ", o.warmup);
+  TANDEM_CHECK(!o.algos.empty(), "--algos: no algorithm given (accepted: gloo, ring, ps)");
+  for (const auto& a : o.algos) parse_algos(a);
+}
+
+std::vector<int64_t> bench_sizes(const BenchOptions& o) {
+  std::vector<int64_t> out;
+  for (int64_t b = o.min_bytes; b <= o.max_bytes; b *= 2) out.push_back(b / 4 * 4);
+  return out;
+}
+
+double busbw_factor(const std::string& algo, int n) {
+  if (algo == "ps") return 2.0;
+  return n > 1 ? 2.0 * (n - 1) / n : 0.0;
+}
+
+std::vector<BenchRow> bench_comm(comm::Communicator& comm, const BenchOptions& o) {
+  validate(o);
+  const int n = comm.size(), rank = comm.rank();
+  std::vector<BenchRow> rows;
+  for (int64_t bytes : bench_sizes(o)) {
+    const int64_t numel = bytes / 4;
+    const size_t na = o.algos.size();
+    // Timing on zeros: values stay finite however many iterations run.
+    std::vector<at::Tensor> bufs;
+    for (size_t k = 0; k < na; ++k) bufs.push_back(at::zeros({numel}, at::kFloat));
+    for (int i = 0; i < o.warmup; ++i)
+      for (size_t k = 0; k < na; ++k) run_once(comm, o.algos[k], bufs[k], o);
+    // Iterations interleave the algorithms (in alternating order), so that a
+    // load change on the host hits them alike; a barrier starts each timed
+    // operation on all ranks.
+    std::vector<double> total_us(na, 0.0);
+    for (int i = 0; i < o.iters; ++i) {
+      for (size_t j = 0; j < na; ++j) {
+        const size_t k = i % 2 == 0 ? j : na - 1 - j;  // alternate the order: no algorithm always goes first
+        comm.barrier();
+        auto t0 = Clock::now();
+        run_once(comm, o.algos[k], bufs[k], o);
+        total_us[k] += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+      }
+    }
+    bufs.clear();
+    const auto want = at::arange(numel, at::kLong).remainder(7).to(at::kFloat).mul_(n).add_(n * (n + 1) / 2);
+    for (size_t k = 0; k < na; ++k) {
+      const auto& algo = o.algos[k];
+      // Correctness on a known pattern.
+      auto t = pattern(numel, rank);
+      run_once(comm, algo, t, o);
+      // [time, 1 - ok]: max over ranks of both.
+      auto stats = at::zeros({2}, at::kDouble);
+      stats[0] = total_us[k] / o.iters;
+      stats[1] = at::equal(t, want) ? 0.0 : 1.0;
+      comm.all_reduce(stats, comm::ReduceOp::kMax);
+      BenchRow row;
+      row.algo = algo;
+      row.bytes = bytes;
+      row.time_us = stats[0].item<double>();
+      row.algbw_gbps = row.time_us > 0 ? bytes / (row.time_us * 1e3) : 0.0;  // bytes/us/1e3 = GB/s
+      row.busbw_factor = busbw_factor(algo, n);
+      row.busbw_gbps = row.algbw_gbps * row.busbw_factor;
+      row.correct = stats[1].item<double>() == 0.0;
+      rows.push_back(row);
+    }
+  }
+  return rows;
+}
+
+std::string format_table(const std::vector<BenchRow>& rows, int world_size, const BenchOptions& o) {
+  std::ostringstream os;
+  char line[256];
+  os << "# tandem bench comm: " << world_size << " ranks, float32 sum, " << o.iters << " iterations after " << o.warmup
+     << " warm-up; time = mean per iteration, max over ranks\n"
+     << "# busbw = algbw * 2(n-1)/n for all-reduce (gloo, ring), algbw * 2 for ps (reduce + broadcast)\n";
+  for (const auto& algo : o.algos) {
+    os << "#\n# " << algo
+       << (algo == "gloo"   ? ": c10d ProcessGroupGloo all-reduce"
+           : algo == "ring" ? ": tandem ring all-reduce (send/recv)"
+                            : ": reduce to rank 0 + broadcast from rank 0 (parameter-server push + pull)")
+       << "\n";
+    std::snprintf(line, sizeof line, "# %12s %12s %12s %12s %6s\n", "size(B)", "time(us)", "algbw(GB/s)",
+                  "busbw(GB/s)", "check");
+    os << line;
+    for (const auto& r : rows) {
+      if (r.algo != algo) continue;
+      std::snprintf(line, sizeof line, "  %12lld %12.1f %12.3f %12.3f %6s\n", static_cast<long long>(r.bytes),
+                    r.time_us, r.algbw_gbps, r.busbw_gbps, r.correct ? "ok" : "WRONG");
+      os << line;
+    }
+  }
+  auto has = [&](const char* a) { return std::find(o.algos.begin(), o.algos.end(), a) != o.algos.end(); };
+  if (has("gloo") && has("ring") && world_size > 1) {
+    os << "#\n# ring busbw / gloo busbw\n";
+    std::snprintf(line, sizeof line, "# %12s %12s\n", "size(B)", "ratio");
+    os << line;
+    for (const auto& g : rows) {
+      if (g.algo != "gloo") continue;
+      for (const auto& r : rows) {
+        if (r.algo != "ring" || r.bytes != g.bytes) continue;
+        std::snprintf(line, sizeof line, "  %12lld %12.2f\n", static_cast<long long>(g.bytes),
+                      g.busbw_gbps > 0 ? r.busbw_gbps / g.busbw_gbps : 0.0);
+        os << line;
+      }
+    }
+  }
+  return os.str();
+}
+
+std::string to_json(const std::vector<BenchRow>& rows, int world_size, const BenchOptions& o) {
+  nlohmann::json j;
+  j["world_size"] = world_size;
+  j["iters"] = o.iters;
+  j["warmup"] = o.warmup;
+  j["dtype"] = "float32";
+  j["rows"] = nlohmann::json::array();
+  for (const auto& r : rows) {
+    j["rows"].push_back({{"algo", r.algo},
+                         {"bytes", r.bytes},
+                         {"time_us", r.time_us},
+                         {"algbw_gbps", r.algbw_gbps},
+                         {"busbw_gbps", r.busbw_gbps},
+                         {"busbw_factor", r.busbw_factor},
+                         {"correct", r.correct}});
+  }
+  return j.dump(2) + "\n";
+}
+
+}  // namespace tandem::collectives
