@@ -1,4 +1,5 @@
 // The `tandem` command-line tool.
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -10,6 +11,9 @@
 #include "train_options.h"
 
 int main(int argc, char** argv) {
+  // Gloo writes to sockets without MSG_NOSIGNAL: a peer that died must surface
+  // as a CommError on this rank, not kill it with SIGPIPE.
+  std::signal(SIGPIPE, SIG_IGN);
   CLI::App app{"tandem: data-parallel training on every device it is given (LibTorch, c10d Gloo/NCCL)"};
   app.set_version_flag("--version", std::string("tandem ") + TANDEM_VERSION);
   app.require_subcommand(1);
