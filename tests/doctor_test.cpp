@@ -2,26 +2,13 @@
 // available (not a crash), a bad device request fails with its reason.
 #include <gtest/gtest.h>
 
-#include <cstdio>
 #include <string>
 
-namespace {
+#include "run_tandem.h"
 
-std::pair<int, std::string> run(const std::string& args) {
-  std::string cmd = std::string(TANDEM_EXE) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, out};
-}
-
-}  // namespace
 
 TEST(Doctor, CpuChecksPassWithRanks) {
-  auto [code, out] = run("doctor --nproc 2");
+  auto [code, out] = run_tandem("doctor --nproc 2");
   EXPECT_EQ(code, 0) << out;
   for (const char* line : {"[PASS] LibTorch", "[PASS] requested devices", "[PASS] model on the model device",
                            "[PASS] transfer cpu -> cpu", "[PASS] simulated pipeline", "[PASS] rendezvous + all-reduce"})
@@ -32,7 +19,7 @@ TEST(Doctor, CpuChecksPassWithRanks) {
 }
 
 TEST(Doctor, MissingCudaIsReportedNotCrashed) {
-  auto [code, out] = run("doctor --data-device cpu --model-device cuda:0");
+  auto [code, out] = run_tandem("doctor --data-device cpu --model-device cuda:0");
   // On a CPU-only machine: CUDA is "n/a", the requested device fails with the reason.
   if (out.find("[n/a ] CUDA devices") != std::string::npos) {
     EXPECT_EQ(code, 1) << out;

@@ -8,6 +8,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "run_tandem.h"
+
 namespace fs = std::filesystem;
 
 namespace {
@@ -18,14 +20,8 @@ struct Run {
 };
 
 Run run(const std::string& args) {
-  std::string cmd = std::string(TANDEM_EXE) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, out};
+  auto [code, out] = run_tandem(args);
+  return {code, out};
 }
 
 fs::path temp_dir(const std::string& name) {
