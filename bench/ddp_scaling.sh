@@ -7,7 +7,7 @@ set -euo pipefail
 build=${1:-build}
 limit=${2:-30000}
 out=$(mktemp -d)
-common="--epochs 1 --limit $limit --val-limit 2000 --threads 1 --num-workers 1 --quiet"
+common="--epochs 1 --limit $limit --val-limit 2000 --threads 1 --num-workers ${TANDEM_BENCH_WORKERS:-1} --quiet ${TANDEM_BENCH_ARGS:-}"
 "$build/tandem" train --nproc 1 --strategy ddp  $common --output "$out/one.json"
 "$build/tandem" train --nproc 2 --strategy ddp  $common --output "$out/ddp.json"
 "$build/tandem" train --nproc 2 --strategy none $common --output "$out/none.json"

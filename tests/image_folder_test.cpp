@@ -280,6 +280,44 @@ TEST(ImageFolder, TrainAugmentationIsDeterministicPerSeedEpochIndex) {
   EXPECT_TRUE(torch::equal(ds.get(0, eval).input, ds.get(0, LoadContext{5, false, 7}).input));
 }
 
+TEST(ImageFolder, CacheServesLaterEpochsFromMemoryWithFreshAugmentation) {
+  TempDir dir;
+  export_fashion_mnist_images(smooth_images(6), labels_for(6), dir.str(), "train", "jpg");
+  ImageFolderOptions o = raw_grey(24);
+  o.train = true;
+  ImageFolderDataset plain(dir.str(), "train", o);
+  o.cache = true;
+  ImageFolderDataset cached(dir.str(), "train", o);
+  EXPECT_NEAR(cached.cache_estimate_bytes(), 6.0 * 28 * 28, 1.0);  // decoded uint8 28x28x1
+  int differ = 0;
+  for (int64_t epoch = 0; epoch < 3; ++epoch) {
+    LoadContext ctx{epoch, true, 42};
+    for (int64_t i = 0; i < cached.size(); ++i) {
+      auto a = cached.get(i, ctx).input;
+      EXPECT_TRUE(torch::equal(a, plain.get(i, ctx).input)) << "epoch " << epoch << " sample " << i;
+      if (epoch > 0) differ += !torch::equal(a, cached.get(i, LoadContext{epoch - 1, true, 42}).input);
+    }
+  }
+  // Epoch 0 decodes (6 misses); epochs 1 and 2 load each image twice, all hits.
+  EXPECT_EQ(cached.cache_hits(), 2 * 12);
+  EXPECT_GE(differ, 8);  // augmentation still changes per epoch
+  // The files are no longer needed once cached.
+  fs::remove_all(dir.path() / "train");
+  EXPECT_NO_THROW(cached.get(0, LoadContext{7, true, 42}));
+  EXPECT_THROW(plain.get(0, LoadContext{7, true, 42}), tandem::Error);
+}
+
+TEST(ImageFolder, CacheLargerThanTheLimitIsRefused) {
+  TempDir dir;
+  export_fashion_mnist_images(smooth_images(4), labels_for(4), dir.str(), "train", "png");
+  ImageFolderOptions o = raw_grey(24);
+  o.cache = true;
+  o.cache_max_gb = 1e-9;  // 1 byte
+  auto msg = error_of([&] { ImageFolderDataset ds(dir.str(), "train", o); });
+  EXPECT_NE(msg.find("--cache-max-gb"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("4 images"), std::string::npos) << msg;
+}
+
 TEST(ImageFolder, BadFileNamesPathOrIsSkippedAndCounted) {
   TempDir dir;
   export_fashion_mnist_images(smooth_images(4), labels_for(4), dir.str(), "val", "jpg");

@@ -36,11 +36,11 @@ std::vector<std::string> forwarded_flags() {
       continue;
     }
     bool owned = false;
-    for (const char* f : {"--methods", "--out", "--strategy", "--output", "-o", "--no-report"}) {
+    for (const char* f : {"--methods", "--out", "--strategy", "--output", "-o", "--no-report", "--ps-seed-layout"}) {
       std::string flag(f);
       if (a == flag) {
         owned = true;
-        if (flag != "--no-report") ++i;  // skip its value
+        if (flag != "--no-report" && flag != "--ps-seed-layout") ++i;  // skip its value
       } else if (a.rfind(flag + "=", 0) == 0) {
         owned = true;
       }
@@ -62,31 +62,50 @@ void register_compare(CLI::App& app) {
   auto methods = std::make_shared<std::string>("ddp,ring,ps");
   auto out = std::make_shared<std::string>("results");
   auto no_report = std::make_shared<bool>(false);
+  auto seed_layout = std::make_shared<bool>(false);
   add_train_flags(sub, *f, /*with_strategy=*/false);
+  sub->add_flag("--ps-seed-layout", *seed_layout,
+                "Run ps on the same --nproc ranks as the others (servers among them, as in seed 002) instead of "
+                "adding --ps-servers server processes so that every method trains with --nproc workers");
   sub->add_option("--methods", *methods, "Methods to run, in order: ddp, ring, ps (comma separated)")
       ->capture_default_str();
   sub->add_option("--out", *out, "Results directory")->capture_default_str();
   sub->add_flag("--no-report", *no_report, "Only train; skip `tandem report`");
   sub->footer("Example:\n  tandem compare --nproc 4 --epochs 3 --methods ddp,ring,ps --out results/");
-  sub->callback([f, methods, out, no_report] {
+  sub->callback([f, methods, out, no_report, seed_layout] {
     finalize_train_flags(*f);
     auto list = split_csv(*methods);
     TANDEM_CHECK(!list.empty(), "--methods is empty: give e.g. ddp,ring,ps");
     for (const auto& m : list)
       TANDEM_CHECK(m == "ddp" || m == "ring" || m == "ps", "--methods: unknown method '", m,
                    "': choose from ddp, ring, ps");
-    auto base = forwarded_flags();
+    // Every flag but --nproc goes to each method's `tandem train`.
+    std::vector<std::string> base;
+    {
+      auto all = forwarded_flags();
+      for (size_t i = 0; i < all.size(); ++i) {
+        if (all[i] == "--nproc") { ++i; continue; }
+        if (all[i].rfind("--nproc=", 0) == 0) continue;
+        base.push_back(all[i]);
+      }
+    }
     for (const auto& m : list) {
-      std::cerr << "[tandem compare] method " << m << " on " << f->nproc << " local ranks\n";
+      // Same training workers for every method: the parameter server's
+      // processes come on top, so the global batch and the steps per epoch
+      // match DDP's and sync PS is the same SGD (docs/algorithms.md).
+      const int ranks = m == "ps" && !*seed_layout ? f->nproc + f->opts.ps_servers : f->nproc;
+      std::cerr << "[tandem compare] method " << m << " on " << ranks << " local ranks"
+                << (ranks != f->nproc ? " (" + std::to_string(f->opts.ps_servers) + " server + " +
+                                            std::to_string(f->nproc) + " workers)"
+                                      : std::string())
+                << "\n";
       std::vector<std::string> args{"train"};
       args.insert(args.end(), base.begin(), base.end());
       for (const std::string& extra : {std::string("--strategy"), m, std::string("--output"), *out})
         args.push_back(extra);
-      if (std::find(base.begin(), base.end(), "--nproc") == base.end()) {
-        args.push_back("--nproc");
-        args.push_back(std::to_string(f->nproc));
-      }
-      int code = relaunch_local(f->nproc, args);
+      args.push_back("--nproc");
+      args.push_back(std::to_string(ranks));
+      int code = relaunch_local(ranks, args);
       TANDEM_CHECK(code == 0, "tandem compare: method ", m, " failed (exit code ", code, "); see the messages above");
     }
     if (!*no_report) report::make_report(*out, report::ReportOptions{}, std::cout, std::cerr);

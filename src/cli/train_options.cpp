@@ -65,6 +65,10 @@ void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
   sub->add_option("--data-gpu", f.data_gpu, "Alias: --data-device cuda:N");
   sub->add_option("--model-gpu", f.model_gpu, "Alias: --model-device cuda:N");
   sub->add_flag("--skip-bad-samples", o.skip_bad_samples, "imagefolder: replace undecodable images and count them");
+  sub->add_flag("--cache", o.cache,
+                "imagefolder: keep decoded images in memory after the first epoch (augmentation stays random)");
+  sub->add_option("--cache-max-gb", o.cache_max_gb, "Refuse --cache when the decoded data set is larger than this")
+      ->capture_default_str();
   sub->add_option("--output,-o", o.output, "Results: a directory (gets results_<method>.json) or a .json file")
       ->capture_default_str();
   sub->add_option("--trace", o.trace_path, "Write a Chrome trace (open in https://ui.perfetto.dev)");

@@ -116,14 +116,14 @@ std::vector<BenchRow> bench_comm(comm::Communicator& comm, const BenchOptions& o
     // Iterations interleave the algorithms (in alternating order), so that a
     // load change on the host hits them alike; a barrier starts each timed
     // operation on all ranks.
-    std::vector<double> total_us(na, 0.0);
+    std::vector<std::vector<double>> samples_us(na);
     for (int i = 0; i < o.iters; ++i) {
       for (size_t j = 0; j < na; ++j) {
         const size_t k = i % 2 == 0 ? j : na - 1 - j;  // alternate the order: no algorithm always goes first
         comm.barrier();
         auto t0 = Clock::now();
         run_once(comm, o.algos[k], bufs[k], o);
-        total_us[k] += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+        samples_us[k].push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
       }
     }
     bufs.clear();
@@ -135,7 +135,11 @@ std::vector<BenchRow> bench_comm(comm::Communicator& comm, const BenchOptions& o
       run_once(comm, algo, t, o);
       // [time, 1 - ok]: max over ranks of both.
       auto stats = at::zeros({2}, at::kDouble);
-      stats[0] = total_us[k] / o.iters;
+      // Median, not mean: on a shared host one descheduled iteration would
+      // otherwise decide the row.
+      auto& v = samples_us[k];
+      std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+      stats[0] = v[v.size() / 2];
       stats[1] = at::equal(t, want) ? 0.0 : 1.0;
       comm.all_reduce(stats, comm::ReduceOp::kMax);
       BenchRow row;
@@ -156,7 +160,7 @@ std::string format_table(const std::vector<BenchRow>& rows, int world_size, cons
   std::ostringstream os;
   char line[256];
   os << "# tandem bench comm: " << world_size << " ranks, float32 sum, " << o.iters << " iterations after " << o.warmup
-     << " warm-up; time = mean per iteration, max over ranks\n"
+     << " warm-up; time = median iteration, max over ranks\n"
      << "# busbw = algbw * 2(n-1)/n for all-reduce (gloo, ring), algbw * 2 for ps (reduce + broadcast)\n";
   for (const auto& algo : o.algos) {
     os << "#\n# " << algo

@@ -25,6 +25,29 @@ std::vector<Range> chunks(Range r, int64_t chunk) {
   return out;
 }
 
+// Reduce-scatter chunks in flight per step: each lands in one of this many
+// chunk-sized buffers, reused round-robin, so the scratch memory stays small
+// and cache-warm whatever the tensor size.
+constexpr int64_t kWindow = 4;
+
+template <typename T>
+void add_loop(T* __restrict dst, const T* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+// dst += src on this thread: intra-op (OpenMP) threads would compete with the
+// transport's threads for the cores that move the next chunks.
+void accumulate(const at::Tensor& dst, const at::Tensor& src) {
+  switch (dst.scalar_type()) {
+    case at::kFloat: add_loop(dst.data_ptr<float>(), src.data_ptr<float>(), dst.numel()); break;
+    case at::kDouble: add_loop(dst.data_ptr<double>(), src.data_ptr<double>(), dst.numel()); break;
+    default: {
+      auto d = dst;
+      d.add_(src);
+    }
+  }
+}
+
 }  // namespace
 
 void ring_all_reduce(comm::Communicator& comm, at::Tensor& t, const RingOptions& opts) {
@@ -38,40 +61,72 @@ void ring_all_reduce(comm::Communicator& comm, at::Tensor& t, const RingOptions&
   const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>(opts.chunk_bytes / flat.element_size()));
   const int64_t max_seg = (numel + n - 1) / n;
   const int64_t chunks_per_seg = (max_seg + chunk - 1) / chunk;
-  auto tmp = at::empty({std::min(max_seg, numel)}, flat.options());
+  const int64_t slot = std::min(chunk, max_seg);
+  auto scratch = at::empty({std::min(chunks_per_seg, kWindow) * slot}, flat.options());
   auto timeout = comm.timeout();
 
-  // One step: send segment `send_i` to the right, receive segment `recv_i` from
-  // the left, and either add it (reduce-scatter) or store it (all-gather).
-  auto step = [&](int s, int send_i, int recv_i, bool reduce) {
-    auto send_chunks = chunks(segment(numel, n, send_i), chunk);
-    auto recv_chunks = chunks(segment(numel, n, recv_i), chunk);
-    const int tag0 = opts.tag_base + s * static_cast<int>(chunks_per_seg);
-    std::vector<comm::RequestPtr> recvs, sends;
+  // Steps 0..n-2 reduce-scatter, n-1..2n-3 all-gather. In step s this rank
+  // sends segment send_seg(s) to the right and receives recv_seg(s) from the
+  // left; the segment received in step s is the one sent in step s+1.
+  const int num_steps = 2 * (n - 1);
+  auto send_seg = [&](int s) { return s < n - 1 ? (r - s + n) % n : (r + 1 - (s - n + 1) + 2 * n) % n; };
+  auto recv_seg = [&](int s) { return s < n - 1 ? (r - s - 1 + 2 * n) % n : (r - (s - n + 1) + 2 * n) % n; };
+  auto tag = [&](int s, size_t c) { return opts.tag_base + s * static_cast<int>(chunks_per_seg) + static_cast<int>(c); };
+
+  struct Incoming {
+    std::vector<Range> chunks;
     std::vector<at::Tensor> landing;
-    const int64_t recv_begin = recv_chunks.empty() ? 0 : recv_chunks.front().begin;
-    for (size_t c = 0; c < recv_chunks.size(); ++c) {
-      auto rc = recv_chunks[c];
-      at::Tensor dst = reduce ? tmp.slice(0, rc.begin - recv_begin, rc.end - recv_begin) : flat.slice(0, rc.begin, rc.end);
-      landing.push_back(dst);
-      recvs.push_back(comm.recv_async(landing.back(), left, tag0 + static_cast<int>(c)));
+    std::vector<comm::RequestPtr> reqs;
+  };
+  std::vector<Incoming> in(num_steps);
+  for (int s = 0; s < num_steps; ++s) {
+    in[s].chunks = chunks(segment(numel, n, recv_seg(s)), chunk);
+    in[s].landing.resize(in[s].chunks.size());
+    in[s].reqs.resize(in[s].chunks.size());
+  }
+  // Reduce-scatter receives land in the scratch window (chunk c in slot
+  // c % kWindow); all-gather receives land in place.
+  auto post_recv = [&](int s, size_t c) {
+    const auto& rc = in[s].chunks[c];
+    if (s < n - 1) {
+      const int64_t off = static_cast<int64_t>(c % kWindow) * slot;
+      in[s].landing[c] = scratch.slice(0, off, off + rc.size());
+    } else {
+      in[s].landing[c] = flat.slice(0, rc.begin, rc.end);
     }
-    std::vector<at::Tensor> outgoing;
-    outgoing.reserve(send_chunks.size());
+    in[s].reqs[c] = comm.recv_async(in[s].landing[c], left, tag(s, c));
+  };
+  // Every all-gather receive is posted up front, so that the left neighbour
+  // can send each finished segment as soon as it has it. Landing in place
+  // early is safe: the final value of a segment reaches this rank only after
+  // this rank's own contribution to it has been added and sent.
+  for (int s = n - 1; s < num_steps; ++s)
+    for (size_t c = 0; c < in[s].chunks.size(); ++c) post_recv(s, c);
+
+  // Per step, all sends are posted at once; reduce-scatter receives keep
+  // kWindow chunks posted, chunk c + kWindow being posted as soon as chunk c
+  // has been added. Chunks are sent and received in order, per tag.
+  for (int s = 0; s < num_steps; ++s) {
+    const bool reduce = s < n - 1;
+    auto& cur = in[s];
+    const size_t nr = cur.chunks.size();
+    if (reduce)
+      for (size_t c = 0; c < std::min<size_t>(nr, kWindow); ++c) post_recv(s, c);
+    const auto send_chunks = chunks(segment(numel, n, send_seg(s)), chunk);
+    std::vector<at::Tensor> outgoing(send_chunks.size());
+    std::vector<comm::RequestPtr> sends(send_chunks.size());
     for (size_t c = 0; c < send_chunks.size(); ++c) {
-      outgoing.push_back(flat.slice(0, send_chunks[c].begin, send_chunks[c].end));
-      sends.push_back(comm.send_async(outgoing.back(), right, tag0 + static_cast<int>(c)));
+      outgoing[c] = flat.slice(0, send_chunks[c].begin, send_chunks[c].end);
+      sends[c] = comm.send_async(outgoing[c], right, tag(s, c));
     }
-    for (size_t c = 0; c < recvs.size(); ++c) {
-      recvs[c]->wait(timeout);
-      if (reduce) flat.slice(0, recv_chunks[c].begin, recv_chunks[c].end).add_(landing[c]);
+    for (size_t c = 0; c < nr; ++c) {
+      cur.reqs[c]->wait(timeout);
+      if (!reduce) continue;
+      accumulate(flat.slice(0, cur.chunks[c].begin, cur.chunks[c].end), cur.landing[c]);
+      if (c + kWindow < nr) post_recv(s, c + kWindow);
     }
     for (auto& q : sends) q->wait(timeout);
-  };
-
-  int s = 0;
-  for (int k = 0; k < n - 1; ++k, ++s) step(s, (r - k + n) % n, (r - k - 1 + 2 * n) % n, true);
-  for (int k = 0; k < n - 1; ++k, ++s) step(s, (r + 1 - k + n) % n, (r - k + n) % n, false);
+  }
 }
 
 }  // namespace tandem::collectives

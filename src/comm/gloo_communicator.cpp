@@ -76,7 +76,7 @@ class GlooCommunicator : public Communicator {
     c10d::AllreduceOptions o;
     o.reduceOp = to_c10d(op);
     o.timeout = timeout_;
-    return wrap(pg_->allreduce(v, o), t, "all-reduce", -1);
+    return post([&] { return pg_->allreduce(v, o); }, t, "all-reduce", -1);
   }
   RequestPtr broadcast_async(at::Tensor& t, int root) override {
     check_contig(t);
@@ -84,7 +84,7 @@ class GlooCommunicator : public Communicator {
     c10d::BroadcastOptions o;
     o.rootRank = root;
     o.timeout = timeout_;
-    return wrap(pg_->broadcast(v, o), t, "broadcast", root);
+    return post([&] { return pg_->broadcast(v, o); }, t, "broadcast", root);
   }
   RequestPtr reduce_async(at::Tensor& t, int root, ReduceOp op) override {
     check_contig(t);
@@ -93,34 +93,57 @@ class GlooCommunicator : public Communicator {
     o.rootRank = root;
     o.reduceOp = to_c10d(op);
     o.timeout = timeout_;
-    return wrap(pg_->reduce(v, o), t, "reduce", root);
+    return post([&] { return pg_->reduce(v, o); }, t, "reduce", root);
   }
   void barrier() override {
     c10d::BarrierOptions o;
     o.timeout = timeout_;
-    wrap(pg_->barrier(o), at::Tensor(), "barrier", -1)->wait(timeout_);
+    post([&] { return pg_->barrier(o); }, at::Tensor(), "barrier", -1)->wait(timeout_);
   }
   RequestPtr send_async(at::Tensor& t, int dst, int tag) override {
     check_contig(t);
+    check_cpu(t, "send");
     TANDEM_CHECK(dst >= 0 && dst < size_ && dst != rank_, "send: bad destination rank ", dst);
     std::vector<at::Tensor> v{t};
-    return wrap(pg_->send(v, dst, tag), t, "send", dst);
+    return post([&] { return pg_->send(v, dst, tag); }, t, "send", dst);
   }
   RequestPtr recv_async(at::Tensor& t, int src, int tag) override {
     check_contig(t);
+    check_cpu(t, "recv");
     TANDEM_CHECK(src >= 0 && src < size_ && src != rank_, "recv: bad source rank ", src);
     std::vector<at::Tensor> v{t};
-    return wrap(pg_->recv(v, src, tag), t, "recv", src);
+    return post([&] { return pg_->recv(v, src, tag); }, t, "recv", src);
   }
   RequestPtr recv_any_async(at::Tensor& t, int tag) override {
     check_contig(t);
+    check_cpu(t, "recv");
     std::vector<at::Tensor> v{t};
-    return wrap(pg_->recvAnysource(v, tag), t, "recv from any rank", -1);
+    return post([&] { return pg_->recvAnysource(v, tag); }, t, "recv from any rank", -1);
   }
 
  private:
   static void check_contig(const at::Tensor& t) {
     TANDEM_CHECK(t.is_contiguous(), "communicator: tensors must be contiguous");
+  }
+  static void check_cpu(const at::Tensor& t, const char* what) {
+    TANDEM_CHECK(t.is_cpu(), "communicator: Gloo ", what, " takes CPU tensors only, got one on ", t.device().str(),
+                 "; copy it to the CPU first");
+  }
+  // Posts an operation; Gloo can throw at post time (a peer's connection is
+  // gone), which becomes a CommError naming the operation like a failed wait.
+  template <class F>
+  RequestPtr post(F&& start, const at::Tensor& t, const char* what, int peer) {
+    c10::intrusive_ptr<c10d::Work> w;
+    try {
+      w = start();
+    } catch (const tandem::Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw CommError("rank " + std::to_string(rank_) + ": " + op_name(what, peer) + " failed: " + e.what() +
+                      " (a peer rank exited or stopped responding; see the launcher's report for which rank "
+                      "failed, or raise --timeout)");
+    }
+    return wrap(std::move(w), t, what, peer);
   }
   RequestPtr wrap(c10::intrusive_ptr<c10d::Work> w, const at::Tensor& t, const char* what, int peer) {
     return std::make_shared<GlooRequest>(std::move(w), t, op_name(what, peer), rank_);

@@ -114,6 +114,43 @@ ImageFolderDataset::ImageFolderDataset(const std::string& root, const std::strin
   for (double s : stdv) TANDEM_CHECK(s > 0, "image folder: std values must be > 0, got ", s);
   mean_ = at::tensor(std::vector<float>(mean.begin(), mean.end())).view({c, 1, 1});
   std_ = at::tensor(std::vector<float>(stdv.begin(), stdv.end())).view({c, 1, 1});
+
+  if (options_.cache) {
+    TANDEM_CHECK(options_.cache_max_gb > 0, "--cache-max-gb must be > 0, got ", options_.cache_max_gb);
+    // Estimate from the first decodable images: mean decoded bytes x count.
+    double bytes = 0;
+    int seen = 0;
+    for (size_t i = 0; i < paths_.size() && seen < 16; i += std::max<size_t>(1, paths_.size() / 16)) {
+      try {
+        bytes += static_cast<double>(decode_image_file(paths_[i], static_cast<int>(c)).nbytes());
+        ++seen;
+      } catch (const std::exception&) {
+      }
+    }
+    cache_estimate_bytes_ = seen ? bytes / seen * static_cast<double>(paths_.size()) : 0;
+    const double gb = cache_estimate_bytes_ / 1e9;
+    TANDEM_CHECK(gb <= options_.cache_max_gb, "--cache: the decoded images of '", dir_, "' need about ", gb,
+                 " GB (", paths_.size(), " images), more than --cache-max-gb ", options_.cache_max_gb,
+                 "; raise --cache-max-gb (this machine must have the memory) or drop --cache");
+    cache_.resize(paths_.size());
+  }
+}
+
+at::Tensor ImageFolderDataset::decoded(int64_t index) const {
+  const std::string& file = path(index);
+  if (!options_.cache) return decode_image_file(file, static_cast<int>(options_.channels));
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    const at::Tensor& hit = cache_[static_cast<size_t>(index)];
+    if (hit.defined()) {
+      cache_hits_.fetch_add(1);
+      return hit;
+    }
+  }
+  at::Tensor hwc = decode_image_file(file, static_cast<int>(options_.channels));
+  std::lock_guard<std::mutex> lock(cache_mu_);
+  cache_[static_cast<size_t>(index)] = hwc;
+  return hwc;
 }
 
 std::vector<int64_t> ImageFolderDataset::sample_shape() const {
@@ -137,8 +174,7 @@ std::string ImageFolderDataset::describe(int64_t index) const {
 }
 
 at::Tensor ImageFolderDataset::load(int64_t index, const LoadContext& ctx) const {
-  const std::string& file = path(index);
-  at::Tensor hwc = decode_image_file(file, static_cast<int>(options_.channels));
+  at::Tensor hwc = decoded(index);
   const int64_t H = hwc.size(0), W = hwc.size(1), S = options_.image_size;
   at::Tensor x;
   if (options_.train && ctx.train) {

@@ -1,5 +1,7 @@
 #include "tandem/data/loader.h"
 
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/torch.h>
 
 #include "tandem/util/check.h"
@@ -78,11 +80,37 @@ Batch Loader::load(int64_t k) const {
     b.target = torch::cat({b.target, torch::zeros({opts_.batch_size - n}, b.target.options())});
     b.mask = torch::arange(opts_.batch_size) < n;
   }
-  if (opts_.pin_memory) {
+  if (opts_.pin_memory || opts_.device.is_cuda()) {
     b.input = b.input.pin_memory();
     b.target = b.target.pin_memory();
   }
+  if (opts_.device.is_cuda()) {
+    // Note [Data-device stream]: upload on a pool stream, never the training
+    // stream, so the copy overlaps the step running on the default stream.
+    c10::impl::VirtualGuardImpl impl(opts_.device.type());
+    c10::Stream stream = impl.getStreamFromGlobalPool(opts_.device);
+    c10::StreamGuard guard(stream);
+    b.input = b.input.to(opts_.device, /*non_blocking=*/true);
+    b.target = b.target.to(opts_.device, /*non_blocking=*/true);
+    if (b.mask.defined()) b.mask = b.mask.to(opts_.device, /*non_blocking=*/true);
+    b.ready = std::make_shared<c10::Event>(opts_.device.type());
+    b.ready->record(stream);
+  }
   return b;
+}
+
+void make_ready(Batch& b, c10::Device consumer) {
+  if (!b.ready) return;
+  const c10::Device dev = b.input.device();
+  c10::impl::VirtualGuardImpl impl(dev.type());
+  std::vector<c10::Stream> users{impl.getStream(dev)};
+  if (consumer.is_cuda() && consumer != dev) users.push_back(impl.getStream(consumer));
+  for (const auto& s : users) {
+    b.ready->block(s);
+    for (const at::Tensor* t : {&b.input, &b.target, &b.mask})
+      if (t->defined() && t->device() == dev) impl.recordDataPtrOnStream(t->storage().data_ptr(), s);
+  }
+  b.ready.reset();
 }
 
 void Loader::worker(int id) {

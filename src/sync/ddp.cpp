@@ -120,6 +120,10 @@ BucketedSync::BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::Comm
     b.flat = torch::zeros({n}, p.options().requires_grad(false));
     b.pending = b.slots.size();
   }
+  // A world of one has nothing to average: .grad() is already the result, so
+  // no hooks, no copies, no communication (and no communication time).
+  solo_ = comm_->size() == 1;
+  if (solo_) return;
   for (size_t k = 0; k < params_.size(); ++k) {
     params_[k].register_hook([this, k](const at::Tensor& grad) { on_grad(k, grad); });
   }
@@ -175,6 +179,7 @@ void BucketedSync::launch_bucket_locked(Bucket& b) {
     any_launched_ = true;
   }
   b.launched = true;
+  b.launched_at = Clock::now();
   b.request = launch(b.flat);
 }
 
@@ -186,7 +191,7 @@ void BucketedSync::launch_ready_locked() {
 }
 
 void BucketedSync::finish() {
-  if (!sync_) return;
+  if (!sync_ || solo_) return;
   auto t0 = Clock::now();
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -208,8 +213,10 @@ void BucketedSync::finish() {
   }
   const double inv = 1.0 / comm_->size();
   torch::NoGradGuard guard;
-  for (auto& b : buckets_) {
+  for (size_t bi = 0; bi < buckets_.size(); ++bi) {
+    auto& b = buckets_[bi];
     b.request->wait(comm_->timeout());
+    times_.spans.push_back({"bucket " + std::to_string(bi), b.launched_at, Clock::now()});
     b.flat.mul_(inv);
     for (auto& s : b.slots) {
       auto& p = params_[s.param];

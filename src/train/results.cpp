@@ -37,6 +37,7 @@ nlohmann::json to_json(const RunResult& r) {
       j["avg_comm_time_push"] = e.avg_comm_time_push;
     } else {
       j["avg_comm_time"] = e.avg_comm_time;
+      j["avg_comm_wait"] = e.avg_comm_wait;
     }
     epochs.push_back(j);
     thr += e.train_throughput;

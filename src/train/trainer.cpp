@@ -37,9 +37,11 @@ struct Datasets {
   int64_t num_classes = 10;
 };
 
-Datasets load_datasets(const TrainOptions& o) {
+Datasets load_datasets(const TrainOptions& o, bool log) {
   Datasets d;
   if (o.dataset == "fashion-mnist") {
+    if (o.cache && log)
+      std::fprintf(stderr, "[tandem] --cache: Fashion-MNIST is held in memory already; nothing more to cache\n");
     const std::string dir = o.data_dir.empty() ? data::kFashionMnistDir : o.data_dir;
     d.train = data::load_fashion_mnist(dir, true, o.limit);
     d.val = data::load_fashion_mnist(dir, false, o.val_limit);
@@ -48,10 +50,15 @@ Datasets load_datasets(const TrainOptions& o) {
     io.channels = o.channels > 0 ? o.channels : 3;
     io.image_size = o.image_size > 0 ? o.image_size : 224;
     io.skip_bad_samples = o.skip_bad_samples;
+    io.cache = o.cache;
+    io.cache_max_gb = o.cache_max_gb;
     io.train = true;
     auto train = std::make_shared<data::ImageFolderDataset>(o.data_dir, "train", io);
     io.train = false;
     auto val = std::make_shared<data::ImageFolderDataset>(o.data_dir, "val", io);
+    if (o.cache && log)
+      std::fprintf(stderr, "[tandem] --cache: decoded images kept in memory, about %.1f MB train + %.1f MB val\n",
+                   train->cache_estimate_bytes() / 1e6, val->cache_estimate_bytes() / 1e6);
     d.train = train;
     d.val = val;
   }
@@ -189,7 +196,10 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
   torch::set_num_threads(threads);
 
   auto plan = device::plan(o.data_device, o.model_device);
-  Datasets ds = load_datasets(o);
+  TANDEM_CHECK(!plan.model.is_cuda() || world == 1 || o.strategy == "ddp" || o.strategy == "none",
+               "--strategy ", o.strategy, " moves gradients with Gloo point-to-point messages, which take CPU "
+               "tensors only; with --model-device ", plan.model.str(), " use --strategy ddp (or a CPU model)");
+  Datasets ds = load_datasets(o, logger);
   PipelinePlan pp = plan_pipeline(o, ds.sample_shape);
 
   torch::manual_seed(o.seed);
@@ -229,6 +239,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
   lo.train = true;
   lo.seed = o.seed;
   lo.pin_memory = plan.model.is_cuda();
+  lo.device = plan.data;
   lo.trace = &trace;
   std::unique_ptr<data::Loader> loader;
   std::unique_ptr<data::DistributedSampler> sampler;
@@ -282,16 +293,31 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
         const bool sync_now = (step + 1) % o.grad_accum == 0 || step + 1 == steps;
         if (step % o.grad_accum == 0) optimizer.zero_grad();
         if (gsync) gsync->begin_step(sync_now);
+        data::make_ready(*batch, plan.model);
         auto x = batch->input.to(plan.model, /*non_blocking=*/true);
         auto y = batch->target.to(plan.model, /*non_blocking=*/true);
+        auto s_fwd = Clock::now();
         auto logits = model.forward(x);
         auto [loss, correct] = loss_and_correct(logits, *batch, y);
         const int accum = std::min<int64_t>(o.grad_accum, steps - (step / o.grad_accum) * o.grad_accum);
+        auto s_bwd = Clock::now();
         (accum > 1 ? loss / accum : loss).backward();
+        auto s_sync = Clock::now();
         if (gsync) gsync->finish();
+        auto s_opt = Clock::now();
         if (sync_now && !(gsync && gsync->applies_update())) optimizer.step();
         auto s1 = Clock::now();
-        trace.span("step " + std::to_string(step), "train", s0, s1);
+        if (trace.enabled()) {
+          // CPU-side spans: on CUDA they show launch time, not kernel time.
+          trace.span("step " + std::to_string(step), "train", s0, s1);
+          trace.span("transfer", "step phases", s0, s_fwd);
+          trace.span("forward", "step phases", s_fwd, s_bwd);
+          trace.span("backward", "step phases", s_bwd, s_sync);
+          if (gsync) trace.span("sync wait", "step phases", s_sync, s_opt);
+          trace.span("optimizer", "step phases", s_opt, s1);
+          if (gsync && sync_now)
+            for (const auto& c : gsync->last_times().spans) trace.span(c.name, "comm", c.begin, c.end);
+        }
         const double l = loss.item<double>();
         const double n = static_cast<double>(batch->valid());
         step_losses[step] = l;
@@ -345,7 +371,8 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
     auto sums = torch::tensor({tally.loss_sum, tally.correct, tally.count, comm_sum / syncs, pull_sum / syncs,
                                push_sum / syncs, st.wait_seconds - before.wait_seconds,
                                st.worker_busy_seconds - before.worker_busy_seconds,
-                               (st.fill_sum - before.fill_sum) / std::max<int64_t>(1, st.fill_samples - before.fill_samples)},
+                               (st.fill_sum - before.fill_sum) / std::max<int64_t>(1, st.fill_samples - before.fill_samples),
+                               wait_sum / syncs},
                               torch::kFloat64);
     comm->all_reduce(sums);
     auto tmax = torch::tensor({train_time_local}, torch::kFloat64);
@@ -363,6 +390,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
       er.avg_comm_time_push = sums[5].item<double>() / trainers;
     } else {
       er.avg_comm_time = sums[3].item<double>() / trainers;
+      er.avg_comm_wait = sums[9].item<double>() / trainers;
     }
     er.pipeline.stall_fraction = sums[6].item<double>() / trainers / tt;
     er.pipeline.data_busy_pct = 100.0 * sums[7].item<double>() / trainers / (tt * std::max(1, pp.num_workers));

@@ -5,7 +5,7 @@
 // `warmup` untimed then `iters` timed rounds on float32 buffers; a round runs
 // every algorithm once (in reversed order every other round), each operation
 // started by a barrier and timed alone (interleaving makes a change of load
-// on a shared host hit all algorithms alike). time_us is the mean over the iterations, maximum over ranks.
+// on a shared host hit all algorithms alike). time_us is the median over the iterations, maximum over ranks.
 //  - gloo: Communicator::all_reduce (c10d ProcessGroupGloo).
 //  - ring: collectives::ring_all_reduce (tandem's ring on send/recv).
 //  - ps:   Communicator::reduce to rank 0 then broadcast from rank 0: the
@@ -42,7 +42,7 @@ struct BenchOptions {
 struct BenchRow {
   std::string algo;
   int64_t bytes = 0;
-  double time_us = 0;     // mean over iterations, max over ranks
+  double time_us = 0;     // median over iterations, max over ranks
   double algbw_gbps = 0;  // bytes / time
   double busbw_gbps = 0;  // algbw * busbw_factor
   double busbw_factor = 0;

@@ -6,9 +6,12 @@
 // from its left, after which rank r holds the full sum of segment r+1.
 // All-gather: n-1 more steps pass the finished segments around. Each rank
 // sends and receives 2(n-1)/n of the buffer in total (docs/algorithms.md).
-// Within a step the segment travels in chunks: every chunk's receive and send
-// is posted up front, and each chunk is added as soon as it lands, so the
-// addition overlaps the transfer of later chunks.
+// Within a step the segment travels in chunks: every send is posted at once;
+// reduce-scatter keeps a window of 4 chunk receives posted into a small
+// scratch buffer and adds each chunk as soon as it lands, so the addition
+// overlaps the transfer of later chunks. All-gather receives are all posted at
+// the start and land in place, so a finished segment flows on without waiting
+// for the previous step to end.
 // Works for any size >= 1 and any element count (segments may be empty).
 #include <cstddef>
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
 
 namespace tandem::data {
 
@@ -23,6 +24,9 @@ struct Batch {
   at::Tensor target;   // int64 [B]
   at::Tensor mask;     // bool [B]; undefined unless padded (--static-shapes)
   std::vector<int64_t> indices;  // dataset indices, in order
+  // Set when a loader worker uploaded the batch to a CUDA data device on its own
+  // stream: recorded after the upload; the consumer waits on it (data::make_ready).
+  std::shared_ptr<c10::Event> ready;
   int64_t valid() const { return mask.defined() ? mask.sum().item<int64_t>() : target.size(0); }
 };
 

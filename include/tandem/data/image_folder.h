@@ -13,6 +13,7 @@
 // Augmentation randomness is a pure function of (ctx.seed, ctx.epoch, index).
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,12 @@ struct ImageFolderOptions {
   // Replace an undecodable file by the next good sample (counted in bad_samples())
   // instead of throwing.
   bool skip_bad_samples = false;
+  // --cache: keep every decoded image (uint8 HWC, before augmentation) in memory
+  // after its first load, so later epochs skip reading and decoding; the random
+  // crop/flip still differ per epoch. Refused at construction when the estimated
+  // decoded size exceeds cache_max_gb.
+  bool cache = false;
+  double cache_max_gb = 8.0;
 };
 
 class ImageFolderDataset : public Dataset {
@@ -52,6 +59,9 @@ class ImageFolderDataset : public Dataset {
   const ImageFolderOptions& options() const { return options_; }
   // Number of undecodable files replaced so far (skip_bad_samples).
   int64_t bad_samples() const { return bad_samples_.load(); }
+  // --cache: loads served from memory, and the estimated size of the full cache.
+  int64_t cache_hits() const { return cache_hits_.load(); }
+  double cache_estimate_bytes() const { return cache_estimate_bytes_; }
 
   // Decode + transform one file (throws tandem::Error naming it on failure).
   at::Tensor load(int64_t index, const LoadContext& ctx) const;
@@ -64,6 +74,11 @@ class ImageFolderDataset : public Dataset {
   std::vector<int64_t> targets_;
   at::Tensor mean_, std_;  // float [C,1,1]
   mutable std::atomic<int64_t> bad_samples_{0};
+  at::Tensor decoded(int64_t index) const;  // through the cache when enabled
+  mutable std::mutex cache_mu_;
+  mutable std::vector<at::Tensor> cache_;
+  mutable std::atomic<int64_t> cache_hits_{0};
+  double cache_estimate_bytes_ = 0;
 };
 
 }  // namespace tandem::data

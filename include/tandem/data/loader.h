@@ -30,6 +30,10 @@ struct LoaderOptions {
   bool train = true;
   uint64_t seed = 0;
   bool pin_memory = false;     // page-locked host batches, for non-blocking copies to CUDA
+  // The data device. CUDA: each worker uploads its batch with a non-blocking
+  // copy on a stream of its own (not the training stream) and records an event;
+  // make_ready() makes the consumer's stream wait for it.
+  c10::Device device{c10::kCPU};
   obs::Trace* trace = nullptr;
   // Extra per-batch work run by the worker after loading (augmentation,
   // or a synthetic load cost in benchmarks).
@@ -44,6 +48,12 @@ struct LoaderStats {
   int64_t fill_samples = 0;
   int64_t batches = 0;
 };
+
+// Before using a batch on `consumer` (the model device): makes the current
+// streams of the batch's device and of `consumer` wait for the worker's upload,
+// and tells the CUDA caching allocator that those streams use the batch's
+// memory. A no-op for CPU batches.
+void make_ready(Batch& batch, c10::Device consumer);
 
 class Loader {
  public:

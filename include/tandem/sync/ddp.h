@@ -61,6 +61,7 @@ class BucketedSync : public GradientSync {
     size_t pending = 0;
     bool launched = false;
     comm::RequestPtr request;
+    std::chrono::steady_clock::time_point launched_at;
   };
   void on_grad(size_t param, const at::Tensor& grad);
   void launch_ready_locked();
@@ -75,6 +76,7 @@ class BucketedSync : public GradientSync {
   std::mutex mu_;
   std::chrono::steady_clock::time_point first_launch_;
   bool any_launched_ = false;
+  bool solo_ = false;  // world of one: nothing to do
 };
 
 // Buckets summed with c10d's all-reduce (Gloo ring-chunked on CPU, NCCL on GPU).

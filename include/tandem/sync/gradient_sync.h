@@ -11,10 +11,18 @@
 // backward), RingSync (same buckets, tandem's ring all-reduce), and the
 // parameter-server worker (pulls parameters in begin_step, pushes gradients in
 // finish; the server applies the update).
+#include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace tandem::sync {
+
+// One communication operation of a step, for the trace: launch to observed completion.
+struct CommSpan {
+  std::string name;
+  std::chrono::steady_clock::time_point begin, end;
+};
 
 // Seconds spent in the last synchronised step.
 struct StepTimes {
@@ -22,6 +30,7 @@ struct StepTimes {
   double wait = 0;  // of which the step was blocked (not hidden behind backward)
   double pull = 0;  // parameter server: parameter pull
   double push = 0;  // parameter server: gradient push
+  std::vector<CommSpan> spans;  // per bucket / message (filled by bucketed synchronisers)
 };
 
 class GradientSync {

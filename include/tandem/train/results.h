@@ -8,7 +8,9 @@
 //   "config": {...flags...},
 //   "epochs": [ { "epoch", "train_loss", "train_accuracy", "train_time" (s),
 //                 "train_throughput" (img/s, all ranks), "avg_batch_time" (s),
-//                 "avg_comm_time" (s per step; ddp and ring),
+//                 "avg_comm_time" (s per step; ddp and ring: first bucket launch to last
+//                 completion, mostly hidden behind backward), "avg_comm_wait" (s per step
+//                 the step was blocked on communication after backward),
 //                 "avg_comm_time_pull", "avg_comm_time_push" (s per step; ps),
 //                 "val_loss", "val_accuracy",
 //                 "pipeline": { "stall_fraction", "data_busy_pct",
@@ -36,6 +38,7 @@ struct EpochResult {
   int epoch = 0;
   double train_loss = 0, train_accuracy = 0, train_time = 0, train_throughput = 0, avg_batch_time = 0;
   double avg_comm_time = 0, avg_comm_time_pull = 0, avg_comm_time_push = 0;
+  double avg_comm_wait = 0;
   double val_loss = 0, val_accuracy = 0;
   PipelineStats pipeline;
 };

@@ -46,6 +46,8 @@ struct TrainOptions {
   double model_start_delay = 2.0;
   bool static_shapes = false;
   bool skip_bad_samples = false;
+  bool cache = false;         // imagefolder: keep decoded images in memory after the first epoch
+  double cache_max_gb = 8.0;  // refuse --cache above this estimated size
   std::string data_device;   // "" | cpu | cuda | cuda:N
   std::string model_device;
   // Output.
