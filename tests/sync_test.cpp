@@ -131,6 +131,21 @@ TEST(Ddp, BucketsFollowReverseRegistrationOrder) {
   });
 }
 
+TEST(Ddp, DefaultFirstBucketClosesEarlySoItsAllReduceOverlapsBackward) {
+  comm::spawn(1, [](int, comm::CommunicatorPtr c) {
+    auto m = models::make_model({"cnn"});
+    sync::DistributedDataParallel ddp(m.module, c);  // 25 MB buckets, first one 1 MB
+    auto layout = ddp.bucket_layout();
+    const size_t n = m.module->parameters().size();  // conv1 w,b, conv2 w,b, fc1 w,b, fc2 w,b
+    ASSERT_EQ(n, 8u);
+    // fc2.bias, fc2.weight, fc1.bias (5.7 KB) leave the first bucket open; fc1.weight
+    // (1.6 MB) fills it; both convolutions share the second.
+    ASSERT_EQ(layout.size(), 2u);
+    EXPECT_EQ(layout[0], (std::vector<size_t>{7, 6, 5, 4}));
+    EXPECT_EQ(layout[1], (std::vector<size_t>{3, 2, 1, 0}));
+  });
+}
+
 TEST(Ddp, ShapeMismatchNamesTheParameter) {
   std::vector<std::string> messages(2);
   comm::spawn(2, [&](int rank, comm::CommunicatorPtr c) {

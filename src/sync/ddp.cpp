@@ -93,13 +93,16 @@ BucketedSync::BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::Comm
     if (p.requires_grad()) params_.push_back(p);
   where_.resize(params_.size());
   got_.assign(params_.size(), false);
-  // Note [Bucket order]: reverse registration order, cut at bucket_mb, one
-  // dtype/device per bucket.
+  // Note [Bucket order]: reverse registration order, cut at bucket_mb (the
+  // first bucket at first_bucket_mb), one dtype/device per bucket. A bucket
+  // closes once it holds at least the cap, so a large tensor is never split.
+  TANDEM_CHECK(opts.first_bucket_mb > 0, "first bucket size must be > 0 MB, got ", opts.first_bucket_mb);
   const int64_t cap = static_cast<int64_t>(opts.bucket_mb * 1024 * 1024);
+  const int64_t first_cap = std::min(cap, static_cast<int64_t>(opts.first_bucket_mb * 1024 * 1024));
   int64_t bytes = 0;
   for (size_t k = params_.size(); k-- > 0;) {
     const auto& p = params_[k];
-    bool fresh = buckets_.empty() || bytes >= cap;
+    bool fresh = buckets_.empty() || bytes >= (buckets_.size() == 1 ? first_cap : cap);
     if (!fresh) {
       const auto& first = params_[buckets_.back().slots.front().param];
       fresh = first.scalar_type() != p.scalar_type() || first.device() != p.device();

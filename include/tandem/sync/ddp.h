@@ -32,6 +32,10 @@ namespace tandem::sync {
 
 struct DdpOptions {
   double bucket_mb = 25.0;
+  // The first bucket (the last layers, whose gradients are ready first) closes
+  // after min(first_bucket_mb, bucket_mb), as PyTorch DDP does, so that its
+  // all-reduce starts while the rest of backward still runs.
+  double first_bucket_mb = 1.0;
   bool broadcast_parameters = true;
 };
 
