@@ -50,7 +50,7 @@ void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
       ->capture_default_str();
   sub->add_option("--staleness", o.staleness, "ps ssp: how many steps a worker may run ahead of the slowest")
       ->capture_default_str();
-  sub->add_option("--ps-transport", o.ps_transport, "ps sync: collective (broadcast/reduce) or p2p")
+  sub->add_option("--ps-transport", o.ps_transport, "ps: auto (collective for sync, p2p for async/ssp), collective (broadcast/reduce, sync only) or p2p")
       ->capture_default_str();
   sub->add_option("--num-workers", o.num_workers, "Loader workers (0: load in the training thread, serially)")
       ->capture_default_str();

@@ -179,7 +179,10 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
     pso.num_servers = o.ps_servers;
     pso.mode = sync::ps::parse_mode(o.ps_mode);
     pso.staleness = o.staleness;
-    pso.transport = sync::ps::parse_transport(o.ps_transport);
+    // auto: collectives where they apply (sync), messages otherwise (async, ssp).
+    const std::string transport =
+        o.ps_transport == "auto" ? (pso.mode == sync::ps::Mode::kSync ? "collective" : "p2p") : o.ps_transport;
+    pso.transport = sync::ps::parse_transport(transport);
     pso.lr = o.lr;
     pso.momentum = o.momentum;
     sync::ps::validate(pso, world);
@@ -419,7 +422,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
                    {"limit", o.limit},         {"data_device", plan.data.str()}, {"model_device", plan.model.str()}};
   if (ps)
     result.config.update({{"ps_servers", o.ps_servers}, {"ps_mode", o.ps_mode}, {"staleness", o.staleness},
-                          {"ps_transport", o.ps_transport}});
+                          {"ps_transport", pso.transport == sync::ps::Transport::kP2P ? "p2p" : "collective"}});
   if (rank == log_rank && !o.output.empty()) write_results(result, o.output);
   if (!o.trace_path.empty()) {
     std::string path = o.trace_path;

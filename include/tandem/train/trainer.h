@@ -38,7 +38,7 @@ struct TrainOptions {
   int ps_servers = 1;
   std::string ps_mode = "sync";  // sync | async | ssp
   int staleness = 0;
-  std::string ps_transport = "collective";  // collective | p2p
+  std::string ps_transport = "auto";  // auto (collective for sync, p2p otherwise) | collective | p2p
   // Data pipeline.
   int num_workers = 2;
   int buffer_size = 50;   // 0: auto (from workers, batch bytes and a RAM budget)
