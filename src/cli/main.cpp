@@ -3,6 +3,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <new>
+
+#include <c10/util/Exception.h>
 
 #include "commands.h"
 #include "tandem/comm/communicator.h"
@@ -36,6 +39,15 @@ int main(int argc, char** argv) {
     return 3;
   } catch (const tandem::Error& e) {
     std::cerr << who << ": error: " << e.what() << "\n";
+    return 2;
+  } catch (const c10::OutOfMemoryError& e) {
+    std::cerr << who << ": out of device memory: " << e.what_without_backtrace()
+              << "\n  fix: a smaller --batch-size, or a smaller --buffer-size when the data device is a GPU\n";
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::cerr << who << ": out of host memory"
+              << "\n  fix: a smaller --batch-size or --buffer-size (the prefetch buffer holds buffer x batch), "
+                 "fewer --num-workers, or drop --cache\n";
     return 2;
   } catch (const std::exception& e) {
     std::cerr << who << ": unexpected error: " << e.what() << "\n";
