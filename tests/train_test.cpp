@@ -87,7 +87,15 @@ TEST(Train, CompareRunsThreeMethodsAndReports) {
   expect_schema(read_json(d / "results_all_reduce.json"), false);
   auto ps = read_json(d / "results_ps.json");
   expect_schema(ps, true);
-  EXPECT_EQ(ps["num_workers"], 2);
+  // The server comes on top: 3 workers like DDP's 3 ranks, so sync PS is the
+  // same SGD and its per-step losses follow DDP's.
+  EXPECT_EQ(ps["num_workers"], 3);
+  EXPECT_EQ(ps["world_size"], 4);
+  auto ddp = read_json(d / "results_baseline_ddp.json");
+  ASSERT_EQ(ps["all_losses"].size(), ddp["all_losses"].size());
+  ASSERT_GE(ddp["all_losses"].size(), 8u);
+  for (size_t i = 0; i < ddp["all_losses"].size(); ++i)
+    EXPECT_NEAR(ps["all_losses"][i].get<double>(), ddp["all_losses"][i].get<double>(), 1e-3) << "step " << i;
   EXPECT_TRUE(fs::exists(d / "performance_report.txt"));
   fs::remove_all(d);
 }
