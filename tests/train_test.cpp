@@ -2,9 +2,15 @@
 // Fashion-MNIST subset, and the flag checks.
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -97,6 +103,42 @@ TEST(Train, CompareRunsThreeMethodsAndReports) {
   for (size_t i = 0; i < ddp["all_losses"].size(); ++i)
     EXPECT_NEAR(ps["all_losses"][i].get<double>(), ddp["all_losses"][i].get<double>(), 1e-3) << "step " << i;
   EXPECT_TRUE(fs::exists(d / "performance_report.txt"));
+  fs::remove_all(d);
+}
+
+// A port nobody listens on now (the kernel picks it; closed again at once).
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  socklen_t len = sizeof a;
+  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  EXPECT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// The multi-host path (TCPStore on --master-addr/--master-port), with two
+// "nodes" of one rank each started as separate `tandem launch` processes.
+TEST(Train, TwoNodesMeetThroughTheTcpStore) {
+  auto d = temp_dir("nodes");
+  const std::string port = std::to_string(free_port());
+  auto node = [&](int r) {
+    return "launch --nnodes 2 --node-rank " + std::to_string(r) + " --master-addr 127.0.0.1 --master-port " + port +
+           " --nproc-per-node 1 -- " + std::string(TANDEM_EXE) + " train --limit 640 --val-limit 200 --epochs 1 " +
+           "--quiet --output " + (d / "nodes.json").string();
+  };
+  ::Run second{};
+  std::thread t([&] { second = run(node(1)); });
+  ::Run first = run(node(0));
+  t.join();
+  ASSERT_EQ(first.code, 0) << first.output;
+  ASSERT_EQ(second.code, 0) << second.output;
+  auto j = read_json(d / "nodes.json");
+  expect_schema(j, false);
+  EXPECT_EQ(j["world_size"], 2);
   fs::remove_all(d);
 }
 
