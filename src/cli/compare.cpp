@@ -5,6 +5,7 @@
 #include <iostream>
 #include <memory>
 #include <sstream>
+#include <thread>
 
 #include "commands.h"
 #include "tandem/report/report.h"
@@ -105,6 +106,13 @@ void register_compare(CLI::App& app) {
         args.push_back(extra);
       args.push_back("--nproc");
       args.push_back(std::to_string(ranks));
+      // Same compute per worker: the automatic thread count would otherwise
+      // count the parameter server's extra processes.
+      if (f->opts.threads == 0) {
+        args.push_back("--threads");
+        args.push_back(std::to_string(
+            std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, f->nproc))));
+      }
       int code = relaunch_local(ranks, args);
       TANDEM_CHECK(code == 0, "tandem compare: method ", m, " failed (exit code ", code, "); see the messages above");
     }

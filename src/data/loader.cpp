@@ -83,6 +83,7 @@ Batch Loader::load(int64_t k) const {
   if (opts_.pin_memory || opts_.device.is_cuda()) {
     b.input = b.input.pin_memory();
     b.target = b.target.pin_memory();
+    if (b.mask.defined()) b.mask = b.mask.pin_memory();
   }
   if (opts_.device.is_cuda()) {
     // Note [Data-device stream]: upload on a pool stream, never the training

@@ -19,7 +19,7 @@ Mode parse_mode(const std::string& s) {
 Transport parse_transport(const std::string& s) {
   if (s == "p2p") return Transport::kP2P;
   if (s == "collective") return Transport::kCollective;
-  TANDEM_FAIL("unknown parameter-server transport '", s, "' (--ps-transport): accepted values are p2p, collective");
+  TANDEM_FAIL("unknown parameter-server transport '", s, "' (--ps-transport): accepted values are auto, p2p, collective");
 }
 
 std::string to_string(Mode m) {

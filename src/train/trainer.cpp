@@ -56,9 +56,20 @@ Datasets load_datasets(const TrainOptions& o, bool log) {
     auto train = std::make_shared<data::ImageFolderDataset>(o.data_dir, "train", io);
     io.train = false;
     auto val = std::make_shared<data::ImageFolderDataset>(o.data_dir, "val", io);
-    if (o.cache && log)
-      std::fprintf(stderr, "[tandem] --cache: decoded images kept in memory, about %.1f MB train + %.1f MB val\n",
-                   train->cache_estimate_bytes() / 1e6, val->cache_estimate_bytes() / 1e6);
+    if (o.cache) {
+      // Every local rank reshuffles the whole data set each epoch, so each ends
+      // up holding all of it: the host needs local ranks x (train + val).
+      const double per_rank = train->cache_estimate_bytes() + val->cache_estimate_bytes();
+      const double host_gb = per_rank * std::max(1, o.local_world_size) / 1e9;
+      TANDEM_CHECK(host_gb <= o.cache_max_gb, "--cache: ", std::max(1, o.local_world_size),
+                   " local ranks x (train + val) need about ", host_gb, " GB of decoded images, more than "
+                   "--cache-max-gb ", o.cache_max_gb, "; raise --cache-max-gb (this machine must have the memory), "
+                   "use fewer local ranks, or drop --cache");
+      if (log)
+        std::fprintf(stderr,
+                     "[tandem] --cache: decoded images kept in memory, about %.1f MB train + %.1f MB val per rank\n",
+                     train->cache_estimate_bytes() / 1e6, val->cache_estimate_bytes() / 1e6);
+    }
     d.train = train;
     d.val = val;
   }
@@ -296,9 +307,13 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
         const bool sync_now = (step + 1) % o.grad_accum == 0 || step + 1 == steps;
         if (step % o.grad_accum == 0) optimizer.zero_grad();
         if (gsync) gsync->begin_step(sync_now);
+        auto s_xfer = Clock::now();
         data::make_ready(*batch, plan.model);
-        auto x = batch->input.to(plan.model, /*non_blocking=*/true);
-        auto y = batch->target.to(plan.model, /*non_blocking=*/true);
+        // Non-blocking only towards CUDA: a device-to-host copy must have landed
+        // before the CPU reads it.
+        const bool async_copy = plan.model.is_cuda();
+        auto x = batch->input.to(plan.model, async_copy);
+        auto y = batch->target.to(plan.model, async_copy);
         auto s_fwd = Clock::now();
         auto logits = model.forward(x);
         auto [loss, correct] = loss_and_correct(logits, *batch, y);
@@ -313,7 +328,8 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
         if (trace.enabled()) {
           // CPU-side spans: on CUDA they show launch time, not kernel time.
           trace.span("step " + std::to_string(step), "train", s0, s1);
-          trace.span("transfer", "step phases", s0, s_fwd);
+          if (gsync && gsync->applies_update()) trace.span("pull", "step phases", s0, s_xfer);
+          trace.span("transfer", "step phases", s_xfer, s_fwd);
           trace.span("forward", "step phases", s_fwd, s_bwd);
           trace.span("backward", "step phases", s_bwd, s_sync);
           if (gsync) trace.span("sync wait", "step phases", s_sync, s_opt);
