@@ -41,6 +41,10 @@ step bad_device $T train --model-device cuda:7 --epochs 1 $D --output ""
 step train_cpu_cuda $T train $D --data-device cpu --model-device cuda:0 --epochs 1 --output "$OUT/cpu_cuda.json"
 step train_cuda_cuda $T train $D --data-device cuda:0 --model-device cuda:0 --epochs 1 --trace "$OUT/trace_cuda.json" \
   --output "$OUT/cuda_cuda.json"
+step train_cuda_static $T train $D --data-device cuda:0 --model-device cuda:0 --static-shapes --batch-size 48 \
+  --limit 1000 --val-limit 500 --epochs 1 --output "$OUT/cuda_static.json"
+step train_cuda_to_cpu $T train $D --data-device cuda:0 --model-device cpu --limit 2000 --val-limit 500 --epochs 1 \
+  --output "$OUT/cuda_to_cpu.json"
 step train_2ranks_ddp $T train $D --nproc 2 --model-device cuda:0 --strategy ddp --epochs 1 --output "$OUT/ddp2.json"
 step export $T data export --dataset fashion-mnist $D --format jpg --out /tmp/fm-jpg --limit 6000
 step resnet18 $T train --dataset imagefolder --data-dir /tmp/fm-jpg --model resnet18 --channels 1 --image-size 28 \
