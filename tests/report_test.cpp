@@ -146,15 +146,16 @@ TEST_F(ReportTest, TextReportHoldsTheFixtureNumbers) {
   EXPECT_FALSE(fs::exists(dir_ / "plots"));
 
   EXPECT_NE(text.find("2024-05-01T10:00:00 to 2024-05-01T11:00:00"), std::string::npos) << text;
-  // Table 1: method order, world size, throughput, epoch time, accuracy in %, speedup.
+  // Table 1: method order, world size, training workers, throughput, epoch time, accuracy in %,
+  // speedup (PS's 4 workers are compared with DDP's 4 ranks).
   const size_t table2 = text.find("Communication per step (ms)");
   ASSERT_NE(table2, std::string::npos) << text;
   const auto ddp = words(line_starting(text, "DDP (baseline)"));
   const auto ring = words(line_starting(text, "Ring all-reduce"));
   const auto ps = words(line_starting(text, "Parameter server"));
-  EXPECT_EQ(ddp, (std::vector<std::string>{"DDP", "(baseline)", "4", "1000.0", "50.00", "80.00", "1.00x"})) << text;
-  EXPECT_EQ(ring, (std::vector<std::string>{"Ring", "all-reduce", "4", "1500.0", "33.33", "81.00", "1.50x"})) << text;
-  EXPECT_EQ(ps, (std::vector<std::string>{"Parameter", "server", "5", "800.0", "62.50", "79.00", "0.80x"})) << text;
+  EXPECT_EQ(ddp, (std::vector<std::string>{"DDP", "(baseline)", "4", "4", "1000.0", "50.00", "80.00", "1.00x"})) << text;
+  EXPECT_EQ(ring, (std::vector<std::string>{"Ring", "all-reduce", "4", "4", "1500.0", "33.33", "81.00", "1.50x"})) << text;
+  EXPECT_EQ(ps, (std::vector<std::string>{"Parameter", "server", "5", "4", "800.0", "62.50", "79.00", "0.80x"})) << text;
   EXPECT_LT(text.find("DDP (baseline)"), text.find("Ring all-reduce"));
   EXPECT_LT(text.find("Ring all-reduce"), text.find("Parameter server"));
   // Table 2: pull, push, all-reduce, total in ms per step.
@@ -225,7 +226,7 @@ TEST_F(ReportTest, OptionalPartsMayBeMissing) {
   std::ostringstream out, log;
   auto files = report::make_report(dir_, {true}, out, log);
   EXPECT_EQ(words(line_starting(out.str(), "local_sgd")),
-            (std::vector<std::string>{"local_sgd", "2", "300.0", "10.00", "50.00", "-"}))
+            (std::vector<std::string>{"local_sgd", "2", "2", "300.0", "10.00", "50.00", "-"}))
       << out.str();
   EXPECT_EQ(files.plots.size(), kCharts.size() - 1);
   EXPECT_FALSE(fs::exists(dir_ / "plots" / "utilization_timeline.png"));

@@ -47,13 +47,16 @@ class Table {
   std::vector<std::vector<std::string>> rows_;
 };
 
-// The DDP run that `run` is compared with: same world size if there is one,
-// else the first DDP run; nullptr without any DDP run.
+// Ranks that train: a parameter server's servers do not.
+int training_workers(const Run& r) { return r.result.num_workers > 0 ? r.result.num_workers : r.result.world_size; }
+
+// The DDP run that `run` is compared with: same number of training workers if
+// there is one, else the first DDP run; nullptr without any DDP run.
 const Run* ddp_reference(const std::vector<Run>& runs, const Run& run) {
   const Run* first = nullptr;
   for (const auto& r : runs) {
     if (r.result.method != "baseline_ddp") continue;
-    if (r.result.world_size == run.result.world_size) return &r;
+    if (training_workers(r) == training_workers(run)) return &r;
     if (!first) first = &r;
   }
   return first;
@@ -79,7 +82,8 @@ std::string format_report(const std::vector<Run>& runs) {
      << "\n\n";
 
   os << "Training\n";
-  Table train({"Method", "World size", "Throughput (img/s)", "Time/epoch (s)", "Best val acc (%)", "Speedup vs DDP"});
+  Table train({"Method", "World size", "Workers", "Throughput (img/s)", "Time/epoch (s)", "Best val acc (%)",
+               "Speedup vs DDP"});
   bool have_ddp = false;
   for (size_t i = 0; i < runs.size(); ++i) {
     const Run& r = runs[i];
@@ -87,12 +91,13 @@ std::string format_report(const std::vector<Run>& runs) {
     have_ddp = have_ddp || ddp;
     std::string speedup =
         ddp && ddp->avg_train_throughput > 0 ? fixed(r.avg_train_throughput / ddp->avg_train_throughput, 2, "x") : "-";
-    train.add({labels[i], std::to_string(r.result.world_size), fixed(r.avg_train_throughput, 1),
+    train.add({labels[i], std::to_string(r.result.world_size), std::to_string(training_workers(r)),
+               fixed(r.avg_train_throughput, 1),
                fixed(r.avg_train_time_per_epoch, 2), fixed(r.best_val_accuracy * accuracy_scale(r), 2), speedup});
   }
   train.print(os);
-  os << (have_ddp ? "Speedup: average training throughput over that of DDP (baseline) at the same world size,\n"
-                    "or of the first DDP run when none has the same world size.\n"
+  os << (have_ddp ? "Speedup: average training throughput over that of DDP (baseline) with as many training\n"
+                    "workers, or of the first DDP run when none has as many.\n"
                   : "Speedup: no DDP (baseline) results (method baseline_ddp) to compare with.\n");
 
   os << "\nCommunication per step (ms)\n";
