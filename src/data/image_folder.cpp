@@ -247,7 +247,7 @@ Example ImageFolderDataset::get(int64_t index, const LoadContext& ctx) const {
     } catch (const Error& e) {
       if (!options_.skip_bad_samples)
         TANDEM_FAIL("image folder '", dir_, "', sample ", i, ": ", e.what(),
-                    " (fix or delete the file, or enable skip_bad_samples to replace bad files)");
+                    " (fix or delete the file, or pass --skip-bad-samples to replace bad files and count them)");
       bad_samples_.fetch_add(1);
       if (first_error.empty()) first_error = e.what();
     }

@@ -31,7 +31,8 @@ nlohmann::json to_json(const RunResult& r) {
             {{"stall_fraction", e.pipeline.stall_fraction},
              {"data_busy_pct", e.pipeline.data_busy_pct},
              {"model_busy_pct", e.pipeline.model_busy_pct},
-             {"mean_buffer_fill", e.pipeline.mean_buffer_fill}}}};
+             {"mean_buffer_fill", e.pipeline.mean_buffer_fill},
+             {"bad_samples", e.pipeline.bad_samples}}}};
     if (ps) {
       j["avg_comm_time_pull"] = e.avg_comm_time_pull;
       j["avg_comm_time_push"] = e.avg_comm_time_push;

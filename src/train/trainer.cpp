@@ -33,6 +33,7 @@ double secs(Clock::duration d) { return std::chrono::duration<double>(d).count()
 
 struct Datasets {
   data::DatasetPtr train, val;
+  std::shared_ptr<data::ImageFolderDataset> train_folder, val_folder;  // imagefolder only
   std::vector<int64_t> sample_shape;
   int64_t num_classes = 10;
 };
@@ -70,8 +71,8 @@ Datasets load_datasets(const TrainOptions& o, bool log) {
                      "[tandem] --cache: decoded images kept in memory, about %.1f MB train + %.1f MB val per rank\n",
                      train->cache_estimate_bytes() / 1e6, val->cache_estimate_bytes() / 1e6);
     }
-    d.train = train;
-    d.val = val;
+    d.train = d.train_folder = train;
+    d.val = d.val_folder = val;
   }
   d.sample_shape = d.train->sample_shape();
   d.num_classes = o.num_classes > 0 ? o.num_classes : d.train->num_classes();
@@ -391,7 +392,8 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
                                push_sum / syncs, st.wait_seconds - before.wait_seconds,
                                st.worker_busy_seconds - before.worker_busy_seconds,
                                (st.fill_sum - before.fill_sum) / std::max<int64_t>(1, st.fill_samples - before.fill_samples),
-                               wait_sum / syncs},
+                               wait_sum / syncs,
+                               static_cast<double>(ds.train_folder ? ds.train_folder->bad_samples() : 0)},
                               torch::kFloat64);
     comm->all_reduce(sums);
     auto tmax = torch::tensor({train_time_local}, torch::kFloat64);
@@ -415,6 +417,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
     er.pipeline.data_busy_pct = 100.0 * sums[7].item<double>() / trainers / (tt * std::max(1, pp.num_workers));
     er.pipeline.model_busy_pct = 100.0 * (1.0 - er.pipeline.stall_fraction);
     er.pipeline.mean_buffer_fill = sums[8].item<double>() / trainers;
+    er.pipeline.bad_samples = static_cast<int64_t>(sums[10].item<double>());
     for (int64_t i = 0; i < steps; ++i) result.all_losses.push_back(losses[i].item<double>() / trainers);
 
     Tally val = evaluate(model, ds.val, *comm, o.batch_size, plan.model);
@@ -428,6 +431,12 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
                    epoch, er.train_loss, er.train_accuracy, er.val_loss, er.val_accuracy, er.train_time,
                    er.train_throughput, 1e3 * (ps ? er.avg_comm_time_pull + er.avg_comm_time_push : er.avg_comm_time),
                    100 * er.pipeline.stall_fraction);
+      if (o.skip_bad_samples && ds.train_folder)
+        std::fprintf(stderr,
+                     "[tandem] --skip-bad-samples: %lld undecodable training image loads replaced so far (all ranks), "
+                     "%lld validation loads on this rank\n",
+                     static_cast<long long>(er.pipeline.bad_samples),
+                     static_cast<long long>(ds.val_folder ? ds.val_folder->bad_samples() : 0));
     }
   }
   result.end_time = iso_time_now();

@@ -14,7 +14,7 @@
 //                 "avg_comm_time_pull", "avg_comm_time_push" (s per step; ps),
 //                 "val_loss", "val_accuracy",
 //                 "pipeline": { "stall_fraction", "data_busy_pct",
-//                               "model_busy_pct", "mean_buffer_fill" } } ],
+//                               "model_busy_pct", "mean_buffer_fill", "bad_samples" } } ],
 //   "summary": { "avg_train_throughput", "avg_train_time_per_epoch",
 //                "best_val_accuracy", "avg_comm_time" | "avg_comm_time_pull" +
 //                "avg_comm_time_push" },
@@ -32,6 +32,7 @@ struct PipelineStats {
   double data_busy_pct = 0;    // loader workers busy / (workers x wall)
   double model_busy_pct = 0;   // compute + comm / wall
   double mean_buffer_fill = 0; // batches
+  int64_t bad_samples = 0;      // --skip-bad-samples: undecodable images replaced so far (all ranks)
 };
 
 struct EpochResult {
