@@ -11,7 +11,10 @@ namespace tandem::obs {
 class Trace {
  public:
   using Clock = std::chrono::steady_clock;
-  explicit Trace(bool enabled = false, int pid = 0) : enabled_(enabled), pid_(pid), origin_(Clock::now()) {}
+  // Timestamps count from the steady clock's epoch (boot), shared by every
+  // process on the host, so the per-rank files of one job line up when
+  // Perfetto opens them together.
+  explicit Trace(bool enabled = false, int pid = 0) : enabled_(enabled), pid_(pid), origin_() {}
   bool enabled() const { return enabled_; }
   // A span on track `track` (e.g. "loader 0", "train", "comm").
   void span(const std::string& name, const std::string& track, Clock::time_point begin, Clock::time_point end);
