@@ -13,11 +13,14 @@
 #include "tandem/data/loader.h"
 #include "tandem/data/sampler.h"
 #include "tandem/util/check.h"
+#include "test_util.h"
 
 using namespace tandem;
 namespace fs = std::filesystem;
 
 namespace {
+
+using tandem::test::error_of;
 
 fs::path temp_dir() {
   auto d = fs::temp_directory_path() / ("tandem_data_test_" + std::to_string(::getpid()));
@@ -42,15 +45,6 @@ std::vector<uint8_t> idx_images(uint32_t n, uint32_t rows, uint32_t cols, uint32
     for (int s = 24; s >= 0; s -= 8) b.push_back((v >> s) & 0xff);
   for (uint32_t i = 0; i < n * rows * cols; ++i) b.push_back(i % 251);
   return b;
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const tandem::Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 }  // namespace

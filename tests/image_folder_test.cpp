@@ -14,34 +14,15 @@
 #include "tandem/data/image_codec.h"
 #include "tandem/data/image_folder.h"
 #include "tandem/util/check.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace tandem::data;
 
 namespace {
 
-class TempDir {
- public:
-  TempDir() {
-    path_ = fs::temp_directory_path() /
-            ("tandem_image_folder_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-  std::string str() const { return path_.string(); }
-
- private:
-  static int& counter() {
-    static int c = 0;
-    return c;
-  }
-  fs::path path_;
-};
+using tandem::test::error_of;
+using tandem::test::TempDir;
 
 // Smooth synthetic 28x28 images (gradient + a Gaussian blob), so JPEG error is small.
 at::Tensor smooth_images(int64_t n, int64_t size = 28) {
@@ -78,15 +59,6 @@ void write_bytes(const fs::path& p, const std::vector<uint8_t>& bytes) {
   fs::create_directories(p.parent_path());
   std::ofstream f(p, std::ios::binary);
   f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const tandem::Error& e) {
-    return e.what();
-  }
-  return "<no tandem::Error thrown>";
 }
 
 }  // namespace

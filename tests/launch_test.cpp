@@ -17,26 +17,14 @@
 
 #include "tandem/launch/launcher.h"
 #include "tandem/util/check.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using tandem::launch::LaunchOptions;
 
 namespace {
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string t = (fs::temp_directory_path() / "tandem-launch-test-XXXXXX").string();
-    std::vector<char> b(t.begin(), t.end());
-    b.push_back('\0');
-    EXPECT_NE(mkdtemp(b.data()), nullptr);
-    path = b.data();
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using tandem::test::TempDir;
 
 std::string slurp(const std::string& p) {
   std::ifstream in(p);
@@ -107,14 +95,14 @@ TEST(Launch, AllRanksSucceedWithTheirEnvironment) {
   auto o = sh(3,
               "env > \"$OUT/env.$RANK\"; "
               "stat -c %a \"$(dirname \"$TANDEM_STORE_PATH\")\" > \"$OUT/mode.$RANK\"",
-              t.path);
+              t.str());
   o.extra_env["TANDEM_TEST_EXTRA"] = "yes";
   std::ostringstream log;
   EXPECT_EQ(tandem::launch::launch(o, log), 0) << log.str();
 
   std::string store;
   for (int r = 0; r < 3; ++r) {
-    auto env = read_env(t.path + "/env." + std::to_string(r));
+    auto env = read_env(t.str() + "/env." + std::to_string(r));
     ASSERT_FALSE(env.empty()) << "rank " << r << " wrote no environment";
     EXPECT_EQ(env["RANK"], std::to_string(r));
     EXPECT_EQ(env["LOCAL_RANK"], std::to_string(r));
@@ -128,7 +116,7 @@ TEST(Launch, AllRanksSucceedWithTheirEnvironment) {
     if (r == 0) store = env["TANDEM_STORE_PATH"];
     EXPECT_EQ(env["TANDEM_STORE_PATH"], store) << "all ranks share one store";
     // The private directory was 0700 while the job ran ...
-    EXPECT_EQ(slurp(t.path + "/mode." + std::to_string(r)), "700\n");
+    EXPECT_EQ(slurp(t.str() + "/mode." + std::to_string(r)), "700\n");
   }
   // ... and is gone now.
   EXPECT_FALSE(fs::exists(fs::path(store).parent_path())) << store;
@@ -136,7 +124,7 @@ TEST(Launch, AllRanksSucceedWithTheirEnvironment) {
 
 TEST(Launch, MultiNodeRanksAndNoStorePath) {
   TempDir t;
-  auto o = sh(2, "env > \"$OUT/env.$RANK\"", t.path);
+  auto o = sh(2, "env > \"$OUT/env.$RANK\"", t.str());
   o.nnodes = 3;
   o.node_rank = 2;
   o.master_addr = "10.1.2.3";
@@ -147,7 +135,7 @@ TEST(Launch, MultiNodeRanksAndNoStorePath) {
   ::unsetenv("TANDEM_STORE_PATH");
   EXPECT_EQ(code, 0) << log.str();
   for (int l = 0; l < 2; ++l) {
-    auto env = read_env(t.path + "/env." + std::to_string(4 + l));
+    auto env = read_env(t.str() + "/env." + std::to_string(4 + l));
     ASSERT_FALSE(env.empty());
     EXPECT_EQ(env["RANK"], std::to_string(4 + l));
     EXPECT_EQ(env["LOCAL_RANK"], std::to_string(l));
@@ -170,7 +158,7 @@ TEST(Launch, FailingRankStopsTheOthersAndLeavesNoProcess) {
               "  exit 3; "
               "fi; "
               "sleep 60 & echo $! > \"$OUT/gpid.$RANK\"; wait",
-              t.path);
+              t.str());
   std::ostringstream log;
   auto t0 = std::chrono::steady_clock::now();
   int code = tandem::launch::launch(o, log);
@@ -180,8 +168,8 @@ TEST(Launch, FailingRankStopsTheOthersAndLeavesNoProcess) {
   EXPECT_NE(log.str().find("rank 1 (pid"), std::string::npos) << log.str();
   EXPECT_NE(log.str().find("exited with code 3"), std::string::npos) << log.str();
 
-  auto pids = read_pids(t.path, "pid.");
-  auto gpids = read_pids(t.path, "gpid.");
+  auto pids = read_pids(t.str(), "pid.");
+  auto gpids = read_pids(t.str(), "gpid.");
   EXPECT_EQ(pids.size(), 3u);
   EXPECT_EQ(gpids.size(), 2u);
   pids.insert(pids.end(), gpids.begin(), gpids.end());
@@ -199,14 +187,14 @@ TEST(Launch, RankIgnoringSigtermIsKilledAfterGrace) {
   auto o = sh(2,
               "if [ \"$RANK\" = 0 ]; then sleep 0.3; exit 7; fi; "
               "trap '' TERM; echo $$ > \"$OUT/pid.$RANK\"; sleep 60 & echo $! > \"$OUT/gpid.$RANK\"; wait; sleep 60",
-              t.path);
+              t.str());
   o.grace_seconds = 0.5;
   std::ostringstream log;
   auto t0 = std::chrono::steady_clock::now();
   EXPECT_EQ(tandem::launch::launch(o, log), 7) << log.str();
   EXPECT_LT(seconds_since(t0), 10.0);
   EXPECT_NE(log.str().find("SIGKILL"), std::string::npos) << log.str();
-  for (pid_t p : read_pids(t.path, "")) {
+  for (pid_t p : read_pids(t.str(), "")) {
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
     while (!process_gone(p) && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -216,7 +204,7 @@ TEST(Launch, RankIgnoringSigtermIsKilledAfterGrace) {
 
 TEST(Launch, RankKilledBySignalIsReported) {
   TempDir t;
-  auto o = sh(2, "if [ \"$RANK\" = 1 ]; then kill -9 $$; fi; sleep 60", t.path);
+  auto o = sh(2, "if [ \"$RANK\" = 1 ]; then kill -9 $$; fi; sleep 60", t.str());
   std::ostringstream log;
   EXPECT_EQ(tandem::launch::launch(o, log), 128 + SIGKILL) << log.str();
   EXPECT_NE(log.str().find("rank 1 (pid"), std::string::npos) << log.str();
@@ -225,22 +213,22 @@ TEST(Launch, RankKilledBySignalIsReported) {
 
 TEST(Launch, SigtermToTheLauncherIsForwarded) {
   TempDir t;
-  auto o = sh(2, "echo $$ > \"$OUT/pid.$RANK\"; sleep 60", t.path);
+  auto o = sh(2, "echo $$ > \"$OUT/pid.$RANK\"; sleep 60", t.str());
   std::ostringstream log;
   int code = -1;
   std::thread th([&] { code = tandem::launch::launch(o, log); });
   // Once both ranks are up, the launcher's handler is installed.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (read_pids(t.path, "pid.").size() < 2 && std::chrono::steady_clock::now() < deadline)
+  while (read_pids(t.str(), "pid.").size() < 2 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  ASSERT_EQ(read_pids(t.path, "pid.").size(), 2u);
+  ASSERT_EQ(read_pids(t.str(), "pid.").size(), 2u);
   auto t0 = std::chrono::steady_clock::now();
   ::kill(::getpid(), SIGTERM);
   th.join();
   EXPECT_LT(seconds_since(t0), 10.0);
   EXPECT_EQ(code, 128 + SIGTERM) << log.str();
   EXPECT_NE(log.str().find("received SIGTERM"), std::string::npos) << log.str();
-  for (pid_t p : read_pids(t.path, "pid.")) EXPECT_TRUE(process_gone(p)) << p;
+  for (pid_t p : read_pids(t.str(), "pid.")) EXPECT_TRUE(process_gone(p)) << p;
   // The handler was restored: the default action would kill us, so check it is not ours.
   struct sigaction now {};
   sigaction(SIGTERM, nullptr, &now);
@@ -250,10 +238,10 @@ TEST(Launch, SigtermToTheLauncherIsForwarded) {
 TEST(Launch, PrivateDirectoryIsRemovedAfterFailure) {
   TempDir t;
   auto o = sh(2, "echo \"$TANDEM_STORE_PATH\" > \"$OUT/store.$RANK\"; touch \"$TANDEM_STORE_PATH\"; exit 1",
-              t.path);
+              t.str());
   std::ostringstream log;
   EXPECT_EQ(tandem::launch::launch(o, log), 1);
-  std::string store = slurp(t.path + "/store.0");
+  std::string store = slurp(t.str() + "/store.0");
   ASSERT_FALSE(store.empty());
   store.pop_back();
   EXPECT_FALSE(fs::exists(fs::path(store).parent_path())) << store;

@@ -18,47 +18,17 @@
 #include "tandem/models/models.h"
 #include "tandem/sync/ps.h"
 #include "tandem/util/check.h"
+#include "test_util.h"
 
 using namespace tandem;
 namespace ps = tandem::sync::ps;
 
 namespace {
 
-constexpr int kSteps = 5;
-constexpr int64_t kGlobalBatch = 64;
+using test::fresh_cnn;
+using test::kGlobalBatch;
+using test::kSteps;
 constexpr double kLr = 0.05, kMomentum = 0.9;
-
-struct Fixture {
-  at::Tensor x, y;               // kSteps * 64 real samples
-  std::vector<at::Tensor> init;  // reference initial parameters (cnn)
-};
-
-const Fixture& fixture() {
-  static Fixture f = [] {
-    Fixture f;
-    auto ds = data::load_fashion_mnist(data::kFashionMnistDir, true, kSteps * kGlobalBatch);
-    std::vector<int64_t> idx(kSteps * kGlobalBatch);
-    for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int64_t>(i);
-    auto b = ds->get_batch(idx, {});
-    f.x = b.input;
-    f.y = b.target;
-    torch::manual_seed(0);
-    auto m = models::make_model({"cnn"});
-    for (auto& p : m.module->parameters()) f.init.push_back(p.detach().clone());
-    return f;
-  }();
-  return f;
-}
-
-models::Model fresh_cnn(bool load_reference) {
-  auto m = models::make_model({"cnn"});
-  if (load_reference) {
-    torch::NoGradGuard g;
-    auto ps = m.module->parameters();
-    for (size_t i = 0; i < ps.size(); ++i) ps[i].copy_(fixture().init[i]);
-  }
-  return m;
-}
 
 std::vector<at::Tensor> snapshot(torch::nn::Module& m) {
   std::vector<at::Tensor> out;
@@ -68,7 +38,7 @@ std::vector<at::Tensor> snapshot(torch::nn::Module& m) {
 
 // kSteps of torch::optim::SGD on the whole 64-sample batch of each step.
 std::vector<at::Tensor> reference_params() {
-  const auto& f = fixture();
+  const auto& f = test::sgd_fixture();
   auto m = fresh_cnn(true);
   torch::optim::SGD opt(m.module->parameters(), torch::optim::SGDOptions(kLr).momentum(kMomentum));
   for (int s = 0; s < kSteps; ++s) {
@@ -97,7 +67,7 @@ class PsSync : public ::testing::TestWithParam<std::tuple<int, int, ps::Transpor
 TEST_P(PsSync, EqualsSgdOnTheUnionOfWorkerBatches) {
   torch::set_num_threads(1);
   auto [world, servers, transport] = GetParam();
-  const auto& f = fixture();
+  const auto& f = test::sgd_fixture();
   const auto want = reference_params();
   ps::PsOptions o;
   o.num_servers = servers;

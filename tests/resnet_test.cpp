@@ -14,42 +14,15 @@
 #include "tandem/models/resnet.h"
 #include "tandem/models/weights.h"
 #include "tandem/util/check.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace tandem::models;
 
 namespace {
 
-class TempDir {
- public:
-  TempDir() {
-    path_ = fs::temp_directory_path() / ("tandem_resnet_test_" + std::to_string(::getpid()) + "_" +
-                                         std::to_string(counter()++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  static int& counter() {
-    static int c = 0;
-    return c;
-  }
-  fs::path path_;
-};
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const tandem::Error& e) {
-    return e.what();
-  }
-  return "<no tandem::Error thrown>";
-}
+using tandem::test::error_of;
+using tandem::test::TempDir;
 
 int64_t count_params(const torch::nn::Module& m) {
   int64_t n = 0;

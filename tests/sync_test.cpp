@@ -12,45 +12,14 @@
 #include "tandem/sync/ddp.h"
 #include "tandem/sync/ring_sync.h"
 #include "tandem/util/check.h"
+#include "test_util.h"
 
 using namespace tandem;
 
 namespace {
 
-constexpr int kSteps = 5;
-constexpr int64_t kGlobalBatch = 64;
-
-struct Fixture {
-  at::Tensor x, y;                  // kSteps * 64 real samples
-  std::vector<at::Tensor> init;     // reference initial parameters
-};
-
-const Fixture& fixture() {
-  static Fixture f = [] {
-    Fixture f;
-    auto ds = data::load_fashion_mnist(data::kFashionMnistDir, true, kSteps * kGlobalBatch);
-    std::vector<int64_t> idx(kSteps * kGlobalBatch);
-    for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int64_t>(i);
-    auto b = ds->get_batch(idx, {});
-    f.x = b.input;
-    f.y = b.target;
-    torch::manual_seed(0);
-    auto m = models::make_model({"cnn"});
-    for (auto& p : m.module->parameters()) f.init.push_back(p.detach().clone());
-    return f;
-  }();
-  return f;
-}
-
-models::Model fresh_model(bool load_reference) {
-  auto m = models::make_model({"cnn"});
-  if (load_reference) {
-    torch::NoGradGuard g;
-    auto ps = m.module->parameters();
-    for (size_t i = 0; i < ps.size(); ++i) ps[i].copy_(fixture().init[i]);
-  }
-  return m;
-}
+using test::kGlobalBatch;
+using test::kSteps;
 
 // Runs kSteps SGD steps; each rank takes its slice of every global batch,
 // split into `accum` micro-batches. Returns the gradients of step 0 and the
@@ -61,8 +30,8 @@ struct Outcome {
 
 template <typename MakeSync>
 Outcome train(int rank, int world, int accum, MakeSync make_sync) {
-  const auto& f = fixture();
-  auto m = fresh_model(/*load_reference=*/rank == 0);  // other ranks must get rank 0's via broadcast
+  const auto& f = test::sgd_fixture();
+  auto m = test::fresh_cnn(/*load_reference=*/rank == 0);  // other ranks must get rank 0's via broadcast
   auto sync = make_sync(m.module);
   torch::optim::SGD opt(m.module->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
   Outcome out;
