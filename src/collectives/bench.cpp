@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <limits>
 #include <chrono>
 #include <cstdio>
 #include <sstream>
@@ -75,6 +76,7 @@ int64_t parse_bytes(const std::string& s) {
   else if (suffix == "M") mult = 1LL << 20;
   else if (suffix == "G") mult = 1LL << 30;
   else if (!suffix.empty()) bad();
+  if (v > std::numeric_limits<int64_t>::max() / mult) bad();
   return v * mult;
 }
 

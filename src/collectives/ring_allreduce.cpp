@@ -1,6 +1,7 @@
 #include "tandem/collectives/ring_allreduce.h"
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "tandem/util/check.h"
@@ -64,6 +65,9 @@ void ring_all_reduce(comm::Communicator& comm, at::Tensor& t, const RingOptions&
   const int64_t slot = std::min(chunk, max_seg);
   auto scratch = at::empty({std::min(chunks_per_seg, kWindow) * slot}, flat.options());
   auto timeout = comm.timeout();
+  TANDEM_CHECK(opts.tag_base + 2 * (n - 1) * chunks_per_seg <= std::numeric_limits<int>::max(),
+               "ring all-reduce: ", numel, " elements in chunks of ", chunk,
+               " need more message tags than an int holds; use a larger chunk size");
 
   // Steps 0..n-2 reduce-scatter, n-1..2n-3 all-gather. In step s this rank
   // sends segment send_seg(s) to the right and receives recv_seg(s) from the

@@ -66,6 +66,7 @@ Batch Loader::load(int64_t k) const {
   Batch b;
   try {
     b = dataset_->get_batch(idx, ctx);
+    if (b.indices.empty()) b.indices = idx;
     if (opts_.transform) opts_.transform(b);
   } catch (const std::exception& e) {
     TANDEM_FAIL("loading batch ", k, " (", idx.size(), " samples, first: ", dataset_->describe(idx.front()),

@@ -122,6 +122,7 @@ BucketedSync::BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::Comm
     int64_t n = b.slots.back().offset + b.slots.back().numel;
     b.flat = torch::zeros({n}, p.options().requires_grad(false));
     b.pending = b.slots.size();
+    b.name = "bucket " + std::to_string(&b - buckets_.data());
   }
   // A world of one has nothing to average: .grad() is already the result, so
   // no hooks, no copies, no communication (and no communication time).
@@ -219,7 +220,7 @@ void BucketedSync::finish() {
   for (size_t bi = 0; bi < buckets_.size(); ++bi) {
     auto& b = buckets_[bi];
     b.request->wait(comm_->timeout());
-    times_.spans.push_back({"bucket " + std::to_string(bi), b.launched_at, Clock::now()});
+    times_.spans.push_back({b.name, b.launched_at, Clock::now()});
     b.flat.mul_(inv);
     for (auto& s : b.slots) {
       auto& p = params_[s.param];

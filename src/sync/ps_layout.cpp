@@ -75,46 +75,18 @@ void check_total(const FlatParams& fp, const PsOptions& opts) {
   TANDEM_CHECK(fp.total() >= opts.num_servers, "the model has ", fp.total(),
                " parameter elements, fewer than --ps-servers ", opts.num_servers);
 }
-comm::RequestPtr OpBatch::post(const char* what, const std::function<comm::RequestPtr()>& fn) {
-  try {
-    return fn();
-  } catch (const CommError&) {
-    throw;
-  } catch (const Error&) {
-    throw;
-  } catch (const c10::Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw CommError("rank " + std::to_string(comm_.rank()) + ": " + what + " failed: " + e.what() +
-                    " (a peer rank exited or stopped responding)");
-  }
-}
+// Failures at post time are already CommErrors (the communicator wraps them).
+void OpBatch::broadcast(at::Tensor& t, int root) { pending_.push_back(comm_.broadcast_async(t, root)); }
 
-void OpBatch::broadcast(at::Tensor& t, int root) {
-  pending_.push_back(post("parameter-server broadcast", [&] { return comm_.broadcast_async(t, root); }));
-}
+void OpBatch::reduce(at::Tensor& t, int root) { pending_.push_back(comm_.reduce_async(t, root)); }
 
-void OpBatch::reduce(at::Tensor& t, int root) {
-  pending_.push_back(post("parameter-server reduce", [&] { return comm_.reduce_async(t, root); }));
-}
+void OpBatch::send(at::Tensor& t, int dst, int tag) { pending_.push_back(comm_.send_async(t, dst, tag)); }
 
-void OpBatch::send(at::Tensor& t, int dst, int tag) {
-  pending_.push_back(post("parameter-server send", [&] { return comm_.send_async(t, dst, tag); }));
-}
-
-void OpBatch::recv(at::Tensor& t, int src, int tag) {
-  pending_.push_back(post("parameter-server recv", [&] { return comm_.recv_async(t, src, tag); }));
-}
+void OpBatch::recv(at::Tensor& t, int src, int tag) { pending_.push_back(comm_.recv_async(t, src, tag)); }
 
 void OpBatch::wait() {
   for (auto& r : pending_) r->wait(comm_.timeout());
   pending_.clear();
-}
-
-int OpBatch::recv_any(at::Tensor& t, int tag) {
-  auto r = post("parameter-server recv from any rank", [&] { return comm_.recv_any_async(t, tag); });
-  r->wait(comm_.timeout());
-  return r->source_rank();
 }
 }  // namespace detail
 

@@ -111,7 +111,7 @@ void Server::serve_async(int64_t steps) {
   int64_t pushes = 0;
   const int64_t expected = steps * W;
   while (pushes < expected) {
-    int src = ops.recv_any(header, detail::kTagHeader);
+    int src = comm_->recv_any(header, detail::kTagHeader);
     TANDEM_ASSERT(src >= K && src < comm_->size(), "ps header from rank ", src);
     const int w = src - K;
     const int64_t kind = header.data_ptr<int64_t>()[0];

@@ -1,7 +1,7 @@
 // The training loop. See include/tandem/train/trainer.h for the contract.
 #include "tandem/train/trainer.h"
 
-#include <sys/stat.h>
+#include <filesystem>
 #include <unistd.h>
 
 #include <cmath>
@@ -135,7 +135,9 @@ std::string fmt(const char* f, double a, double b, double c, double d) {
 void write_results(const RunResult& r, const std::string& output) {
   std::string path = output;
   if (path.size() < 5 || path.substr(path.size() - 5) != ".json") {
-    ::mkdir(output.c_str(), 0755);
+    std::error_code ec;
+    std::filesystem::create_directories(output, ec);
+    TANDEM_CHECK(!ec, "--output: cannot create directory ", output, ": ", ec.message());
     path = output + "/" + results_file_name(r.method);
   }
   std::ofstream f(path);
@@ -255,7 +257,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
   lo.seed = o.seed;
   lo.pin_memory = plan.model.is_cuda();
   lo.device = plan.data;
-  lo.trace = &trace;
+  lo.trace = trace.enabled() ? &trace : nullptr;
   std::unique_ptr<data::Loader> loader;
   std::unique_ptr<data::DistributedSampler> sampler;
   if (!server) {

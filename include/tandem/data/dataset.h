@@ -27,7 +27,11 @@ struct Batch {
   // Set when a loader worker uploaded the batch to a CUDA data device on its own
   // stream: recorded after the upload; the consumer waits on it (data::make_ready).
   std::shared_ptr<c10::Event> ready;
-  int64_t valid() const { return mask.defined() ? mask.sum().item<int64_t>() : target.size(0); }
+  // Real (unpadded) rows. Padding never adds indices, so no device round trip.
+  int64_t valid() const {
+    if (!mask.defined()) return target.size(0);
+    return indices.empty() ? mask.sum().item<int64_t>() : static_cast<int64_t>(indices.size());
+  }
 };
 
 // Per-sample random augmentation is seeded per (epoch, index), so a sample

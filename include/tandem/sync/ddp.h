@@ -66,6 +66,7 @@ class BucketedSync : public GradientSync {
     bool launched = false;
     comm::RequestPtr request;
     std::chrono::steady_clock::time_point launched_at;
+    std::string name;  // "bucket <index>", for trace spans
   };
   void on_grad(size_t param, const at::Tensor& grad);
   void launch_ready_locked();

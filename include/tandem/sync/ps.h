@@ -238,11 +238,8 @@ class OpBatch {
   void recv(at::Tensor& t, int src, int tag);
   // Waits (with the communicator's timeout) for everything posted so far.
   void wait();
-  // Blocking receive from any rank; returns the source rank.
-  int recv_any(at::Tensor& t, int tag);
 
  private:
-  comm::RequestPtr post(const char* what, const std::function<comm::RequestPtr()>& fn);
   comm::Communicator& comm_;
   std::vector<comm::RequestPtr> pending_;
 };
