@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages tandem needs, if any is missing. Idempotent.
 set -euo pipefail
-pkgs=(build-essential cmake ccache libtorch-dev libgloo-dev libcli11-dev nlohmann-json3-dev libspdlog-dev
-      libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libturbojpeg0-dev libpng-dev gnuplot-nox
+pkgs=(build-essential cmake ccache libtorch-dev libgloo-dev libcli11-dev nlohmann-json3-dev
+      libgtest-dev libgmock-dev zlib1g-dev libturbojpeg0-dev libpng-dev gnuplot-nox
       dataset-fashion-mnist python3-torch)
 missing=()
 for p in "${pkgs[@]}"; do

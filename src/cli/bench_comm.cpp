@@ -11,6 +11,7 @@
 #include "tandem/comm/rendezvous.h"
 #include "tandem/launch/launcher.h"
 #include "tandem/util/check.h"
+#include "train_options.h"
 
 namespace tandem::cli {
 namespace {
@@ -34,25 +35,13 @@ void run_bench_comm(const BenchCommArgs& a) {
   TANDEM_CHECK(a.timeout_s > 0, "--timeout must be > 0 seconds, got ", a.timeout_s);
   TANDEM_CHECK(a.nproc >= 1, "--nproc must be >= 1, got ", a.nproc);
 
-  const bool in_job = std::getenv(env::kWorldSize) != nullptr;
-  if (!in_job && a.nproc > 1) {
-    // Relaunch this executable as N ranks; they find WORLD_SIZE and run below.
-    launch::LaunchOptions lo;
-    lo.nproc_per_node = a.nproc;
-    lo.command = {launch::self_executable(), "bench", "comm", "--min-bytes", a.min_bytes, "--max-bytes",
-                  a.max_bytes, "--iters", std::to_string(a.iters), "--warmup", std::to_string(a.warmup),
-                  "--algos", a.algos, "--ring-chunk", a.ring_chunk, "--timeout", std::to_string(a.timeout_s)};
-    if (!a.json.empty()) lo.command.insert(lo.command.end(), {"--json", a.json});
-    int code = launch::launch(lo, std::cerr);
-    std::cout.flush();
-    std::cerr.flush();
+  if (!in_job() && a.nproc > 1) {
+    // Relaunch this executable as N ranks with the same arguments.
+    int code = relaunch_local(a.nproc, original_args());
     if (code != 0) std::exit(code);
     return;
   }
 
-  // A peer that dies closes its sockets: writing to them must be a CommError,
-  // not death by SIGPIPE.
-  std::signal(SIGPIPE, SIG_IGN);
   comm::RendezvousOptions ro;
   ro.timeout = comm::Milliseconds(static_cast<int64_t>(a.timeout_s * 1000));
   auto c = comm::init_from_env(ro);

@@ -5,7 +5,6 @@
 #include <iostream>
 #include <memory>
 #include <sstream>
-#include <thread>
 
 #include "commands.h"
 #include "tandem/report/report.h"
@@ -77,19 +76,28 @@ void register_compare(CLI::App& app) {
     finalize_train_flags(*f);
     auto list = split_csv(*methods);
     TANDEM_CHECK(!list.empty(), "--methods is empty: give e.g. ddp,ring,ps");
-    for (const auto& m : list)
+    for (const auto& m : list) {
       TANDEM_CHECK(m == "ddp" || m == "ring" || m == "ps", "--methods: unknown method '", m,
                    "': choose from ddp, ring, ps");
-    // Every flag but --nproc goes to each method's `tandem train`.
+      // A flag only one method rejects fails now, not after the others trained.
+      auto per_method = f->opts;
+      per_method.strategy = m;
+      train::validate(per_method);
+    }
+    // Every flag but --nproc and --threads goes to each method's `tandem train`
+    // as given; those two are set per method below.
     std::vector<std::string> base;
     {
       auto all = forwarded_flags();
       for (size_t i = 0; i < all.size(); ++i) {
-        if (all[i] == "--nproc") { ++i; continue; }
-        if (all[i].rfind("--nproc=", 0) == 0) continue;
+        if (all[i] == "--nproc" || all[i] == "--threads") { ++i; continue; }
+        if (all[i].rfind("--nproc=", 0) == 0 || all[i].rfind("--threads=", 0) == 0) continue;
         base.push_back(all[i]);
       }
     }
+    // Same compute per worker: the automatic thread count would otherwise
+    // count the parameter server's extra processes.
+    const int threads = f->opts.threads > 0 ? f->opts.threads : train::default_threads(f->nproc);
     for (const auto& m : list) {
       // Same training workers for every method: the parameter server's
       // processes come on top, so the global batch and the steps per epoch
@@ -106,13 +114,8 @@ void register_compare(CLI::App& app) {
         args.push_back(extra);
       args.push_back("--nproc");
       args.push_back(std::to_string(ranks));
-      // Same compute per worker: the automatic thread count would otherwise
-      // count the parameter server's extra processes.
-      if (f->opts.threads == 0) {
-        args.push_back("--threads");
-        args.push_back(std::to_string(
-            std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, f->nproc))));
-      }
+      args.push_back("--threads");
+      args.push_back(std::to_string(threads));
       int code = relaunch_local(ranks, args);
       TANDEM_CHECK(code == 0, "tandem compare: method ", m, " failed (exit code ", code, "); see the messages above");
     }

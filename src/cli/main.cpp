@@ -9,6 +9,7 @@
 
 #include "commands.h"
 #include "tandem/comm/communicator.h"
+#include "tandem/comm/env.h"
 #include "tandem/config.h"
 #include "tandem/util/check.h"
 #include "train_options.h"
@@ -27,7 +28,10 @@ int main(int argc, char** argv) {
   tandem::cli::register_data(app);
   tandem::cli::register_report(app);
   tandem::cli::register_bench(app);
-  const char* rank = std::getenv("RANK");
+  // The rank under tandem launch / torchrun, mpirun or srun, for messages.
+  const char* rank = std::getenv(tandem::env::kRank);
+  if (!rank) rank = std::getenv(tandem::env::kOmpiRank);
+  if (!rank) rank = std::getenv(tandem::env::kSlurmProcId);
   const std::string who = rank ? std::string("tandem (rank ") + rank + ")" : std::string("tandem");
   for (int i = 1; i < argc; ++i) tandem::cli::original_args().push_back(argv[i]);
   try {

@@ -22,8 +22,7 @@ void register_train(CLI::App& app) {
       "  mpirun -n 4 tandem train --master-addr host0 --master-port 29500");
   sub->callback([f] {
     finalize_train_flags(*f);
-    const bool is_rank = std::getenv(env::kWorldSize) || std::getenv(env::kOmpiSize) || std::getenv(env::kSlurmNTasks);
-    if (!is_rank && f->nproc > 1) {
+    if (!in_job() && f->nproc > 1) {
       int code = relaunch_local(f->nproc, original_args());
       if (code != 0) std::exit(code);
       return;

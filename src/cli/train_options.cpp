@@ -103,8 +103,14 @@ train::RunResult run_as_rank(train::TrainOptions opts, const std::string& master
   ro.timeout = std::chrono::milliseconds(static_cast<int64_t>(opts.timeout_s * 1000));
   auto world = comm::resolve_world(ro);
   opts.local_world_size = world.local_world_size;
+  opts.local_rank = world.local_rank;
   auto c = comm::init_from_env(ro);
   return train::run_training(opts, c);
+}
+
+bool in_job() {
+  return std::getenv(env::kWorldSize) || std::getenv(env::kOmpiSize) ||
+         std::getenv(env::kSlurmNTasks);
 }
 
 int relaunch_local(int nproc, const std::vector<std::string>& args) {

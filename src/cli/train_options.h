@@ -28,5 +28,8 @@ train::RunResult run_as_rank(train::TrainOptions opts, const std::string& master
 // Starts `nproc` local copies of this executable with `args` (torchrun-style)
 // and returns the launcher's exit code.
 int relaunch_local(int nproc, const std::vector<std::string>& args);
+// True when this process is already one rank of a job (tandem launch /
+// torchrun, mpirun or srun set its variables), so it must not relaunch itself.
+bool in_job();
 
 }  // namespace tandem::cli

@@ -8,12 +8,12 @@ namespace tandem::device {
 
 int cuda_device_count() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
 
-c10::Device parse(const std::string& spec, const std::string& flag) {
+c10::Device parse(const std::string& spec, const std::string& flag, int local_rank) {
   std::string s = spec;
   if (!s.empty() && std::all_of(s.begin(), s.end(), ::isdigit)) s = "cuda:" + s;
   if (s == "cpu") return c10::Device(c10::kCPU);
   TANDEM_CHECK(s.rfind("cuda", 0) == 0, flag, " ", spec, ": unknown device; use cpu, cuda or cuda:N");
-  int index = 0;
+  int index = -1;
   if (s.size() > 4) {
     TANDEM_CHECK(s[4] == ':' && s.size() > 5 && std::all_of(s.begin() + 5, s.end(), ::isdigit), flag, " ", spec,
                  ": malformed device; use cpu, cuda or cuda:N");
@@ -24,6 +24,7 @@ c10::Device parse(const std::string& spec, const std::string& flag) {
                "use cpu, or run `tandem doctor` to see what is missing");
   std::string list;
   for (int i = 0; i < n; ++i) list += (i ? ", cuda:" : "cuda:") + std::to_string(i);
+  if (index < 0) index = std::max(0, local_rank) % n;
   TANDEM_CHECK(index < n, flag, " ", spec, ": no such device: this machine has ", n, " CUDA device",
                n == 1 ? "" : "s", ": ", list);
   return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
@@ -34,10 +35,10 @@ std::string Plan::describe() const {
   return "single-device buffered: data and model on " + model.str();
 }
 
-Plan plan(const std::string& data_spec, const std::string& model_spec) {
+Plan plan(const std::string& data_spec, const std::string& model_spec, int local_rank) {
   Plan p;
-  if (!model_spec.empty()) p.model = parse(model_spec, "--model-device");
-  if (!data_spec.empty()) p.data = parse(data_spec, "--data-device");
+  if (!model_spec.empty()) p.model = parse(model_spec, "--model-device", local_rank);
+  if (!data_spec.empty()) p.data = parse(data_spec, "--data-device", local_rank);
   else p.data = c10::Device(c10::kCPU);
   if (model_spec.empty() && !data_spec.empty()) p.model = p.data;
   p.dual = p.data != p.model;

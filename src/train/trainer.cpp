@@ -184,6 +184,10 @@ void validate(const TrainOptions& o) {
   if (!known) models::make_model({o.model});  // throws the message listing the names
 }
 
+int default_threads(int local_ranks) {
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, local_ranks));
+}
+
 RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
   validate(o);
   const int rank = comm->rank(), world = comm->size();
@@ -207,12 +211,10 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
   const int log_rank = ps ? pso.num_servers : 0;  // the first training rank shows progress
   const bool logger = rank == log_rank && !o.quiet;
 
-  int threads = o.threads;
-  if (threads == 0)
-    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, o.local_world_size));
+  const int threads = o.threads > 0 ? o.threads : default_threads(o.local_world_size);
   torch::set_num_threads(threads);
 
-  auto plan = device::plan(o.data_device, o.model_device);
+  auto plan = device::plan(o.data_device, o.model_device, o.local_rank);
   TANDEM_CHECK(!plan.model.is_cuda() || world == 1 || o.strategy == "ddp" || o.strategy == "none",
                "--strategy ", o.strategy, " moves gradients with Gloo point-to-point messages, which take CPU "
                "tensors only; with --model-device ", plan.model.str(), " use --strategy ddp (or a CPU model)");

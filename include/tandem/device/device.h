@@ -7,9 +7,10 @@
 namespace tandem::device {
 
 // "cpu", "cuda", "cuda:N" (also a bare index N, for the seeds' --data-gpu N).
-// Throws tandem::Error naming the flag, e.g. "--model-device cuda:3: this
-// machine has 1 CUDA device: cuda:0".
-c10::Device parse(const std::string& spec, const std::string& flag);
+// A bare "cuda" is cuda:(local_rank mod devices), so the local ranks of a job
+// spread over the host's GPUs. Throws tandem::Error naming the flag, e.g.
+// "--model-device cuda:3: this machine has 1 CUDA device: cuda:0".
+c10::Device parse(const std::string& spec, const std::string& flag, int local_rank = 0);
 
 int cuda_device_count();
 
@@ -20,8 +21,9 @@ struct Plan {
   std::string describe() const;
 };
 
-// Neither given: single-device buffered mode on the model device (cpu, or
-// cuda:local_rank when CUDA is present and prefer_cuda).
-Plan plan(const std::string& data_spec, const std::string& model_spec);
+// Neither given: single-device buffered mode on the CPU. Only the model
+// device given: the data device is the CPU (dual mode when that is a GPU);
+// only the data device given: the model goes there too.
+Plan plan(const std::string& data_spec, const std::string& model_spec, int local_rank = 0);
 
 }  // namespace tandem::device

@@ -56,6 +56,7 @@ struct TrainOptions {
   bool progress = true;
   bool quiet = false;
   int local_world_size = 1;  // set from the rendezvous, for the default thread count
+  int local_rank = 0;        // set from the rendezvous: a bare "cuda" means cuda:local_rank
 };
 
 // Seed 002's method name of a strategy: ddp -> baseline_ddp, ring -> all_reduce, ps -> ps.
@@ -63,6 +64,8 @@ std::string method_name(const std::string& strategy);
 
 // Checks every option; throws tandem::Error naming the flag and accepted values.
 void validate(const TrainOptions& opts);
+// --threads 0: the host's cores shared by its local ranks (at least 1 each).
+int default_threads(int local_ranks);
 
 RunResult run_training(const TrainOptions& opts, comm::CommunicatorPtr comm);
 
