@@ -21,19 +21,21 @@ ProgressBar::ProgressBar(std::string label, int64_t total, bool enabled, FILE* o
     : label_(std::move(label)), total_(total), enabled_(enabled), tty_(isatty(fileno(out))), out_(out),
       start_(std::chrono::steady_clock::now()), last_draw_(start_ - std::chrono::seconds(1)) {}
 
+namespace {
+int decile_of(int64_t done, int64_t total) { return total > 0 ? static_cast<int>(10 * done / total) : 0; }
+}  // namespace
+
+bool ProgressBar::due(int64_t done) const {
+  if (!enabled_) return false;
+  if (tty_) return std::chrono::steady_clock::now() - last_draw_ >= std::chrono::milliseconds(100);
+  return decile_of(done, total_) != last_decile_;
+}
+
 void ProgressBar::update(int64_t done, const std::string& status) {
-  if (!enabled_) return;
-  auto now = std::chrono::steady_clock::now();
-  if (tty_) {
-    if (now - last_draw_ < std::chrono::milliseconds(100)) return;
-    last_draw_ = now;
-    draw(done, status, false);
-  } else {
-    int decile = total_ > 0 ? static_cast<int>(10 * done / total_) : 0;
-    if (decile == last_decile_) return;
-    last_decile_ = decile;
-    draw(done, status, false);
-  }
+  if (!due(done)) return;
+  if (tty_) last_draw_ = std::chrono::steady_clock::now();
+  else last_decile_ = decile_of(done, total_);
+  draw(done, status, false);
 }
 
 void ProgressBar::finish(const std::string& status) {

@@ -374,7 +374,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
           last_worker_busy = wb;
           last_model_busy = model_busy_total;
         }
-        if (logger) {
+        if (logger && bar.due(step)) {
           const double el = secs(s1 - t_train);
           auto st = loader->stats();
           bar.update(step, fmt("loss %.4f acc %.3f %.0f img/s stall %.1f%%", tally.loss_sum / tally.count,

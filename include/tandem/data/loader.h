@@ -72,7 +72,6 @@ class Loader {
   std::optional<Batch> next();
   int buffer_fill() const;
   LoaderStats stats() const;
-  const LoaderOptions& options() const { return opts_; }
 
  private:
   Batch load(int64_t k) const;

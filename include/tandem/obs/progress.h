@@ -11,6 +11,9 @@ namespace tandem::obs {
 class ProgressBar {
  public:
   ProgressBar(std::string label, int64_t total, bool enabled, FILE* out = stderr);
+  // Whether update(done, ...) would draw now: callers build the status text
+  // only then, not on every step.
+  bool due(int64_t done) const;
   // `done` of `total` finished; `status` is shown after the bar.
   void update(int64_t done, const std::string& status);
   void finish(const std::string& status);

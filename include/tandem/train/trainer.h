@@ -53,7 +53,6 @@ struct TrainOptions {
   // Output.
   std::string output = "results";  // a directory, or a .json file; "" writes nothing
   std::string trace_path;
-  bool progress = true;
   bool quiet = false;
   int local_world_size = 1;  // set from the rendezvous, for the default thread count
   int local_rank = 0;        // set from the rendezvous: a bare "cuda" means cuda:local_rank
