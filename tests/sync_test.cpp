@@ -87,6 +87,52 @@ INSTANTIATE_TEST_SUITE_P(DdpAndRing, SyncEquivalence,
                                            std::make_tuple("ddp", 1, 0.05), std::make_tuple("ring", 1, 0.05),
                                            std::make_tuple("ring", 2, 25.0)));
 
+// --compress fp16: what arrives in .grad() went over the wire as float16 (so
+// every value is exactly a float16), and stays within float16's rounding of
+// the fp32 result.
+class Fp16Compression : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Fp16Compression, GradientsTravelAsHalfAndStayClose) {
+  torch::set_num_threads(1);
+  const std::string kind = GetParam();
+  auto reference = train(0, 1, 1, [](auto) { return sync::GradientSyncPtr(); });
+  std::vector<Outcome> got(2);
+  comm::spawn(2, [&](int rank, comm::CommunicatorPtr c) {
+    got[rank] = train(rank, 2, 1, [&](std::shared_ptr<torch::nn::Module> m) -> sync::GradientSyncPtr {
+      sync::DdpOptions o;
+      o.bucket_mb = 0.05;  // several buckets
+      o.compression = sync::parse_compression("fp16");
+      if (kind == "ring") return std::make_unique<sync::RingSync>(m, c, o);
+      return std::make_unique<sync::DistributedDataParallel>(m, c, o);
+    });
+  });
+  for (int r = 0; r < 2; ++r) {
+    for (size_t i = 0; i < reference.first_grads.size(); ++i) {
+      const auto& g = got[r].first_grads[i];
+      const auto& want = reference.first_grads[i];
+      EXPECT_TRUE(torch::equal(g, g.to(at::kHalf).to(at::kFloat))) << "gradient #" << i << " is not a float16 value";
+      const double scale = want.abs().max().item<double>();
+      EXPECT_LT((g - want).abs().max().item<double>(), 2e-3 * scale + 1e-7) << "gradient #" << i;
+    }
+    for (size_t i = 0; i < reference.params.size(); ++i) {
+      const double scale = reference.params[i].abs().max().item<double>();
+      EXPECT_LT((got[r].params[i] - reference.params[i]).abs().max().item<double>(), 1e-3 * scale)
+          << "parameter #" << i << " after 5 steps";
+    }
+    // Both ranks apply the same averaged gradient.
+    for (size_t i = 0; i < reference.params.size(); ++i)
+      EXPECT_TRUE(torch::equal(got[r].params[i], got[0].params[i])) << "rank " << r << " parameter #" << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DdpAndRing, Fp16Compression, ::testing::Values("ddp", "ring"));
+
+TEST(Ddp, UnknownCompressionNamesTheChoices) {
+  auto msg = test::error_of([] { sync::parse_compression("int8"); });
+  EXPECT_NE(msg.find("--compress int8"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("none or fp16"), std::string::npos) << msg;
+}
+
 TEST(Ddp, BucketsFollowReverseRegistrationOrder) {
   comm::spawn(1, [](int, comm::CommunicatorPtr c) {
     auto m = models::make_model({"cnn"});

@@ -155,6 +155,8 @@ TEST(Train, BadFlagsNameTheFlag) {
       {"train --buffer-size zero", "--buffer-size must be a number >= 1 or auto"},
       {"train --data-dir /nonexistent", "/nonexistent/train-images-idx3-ubyte.gz: no such file"},
       {"train --model-device cuda:3", "cuda:3"},
+      {"train --compress int8", "--compress int8: unknown gradient compression; choose none or fp16"},
+      {"train --nproc 3 --strategy ps --compress fp16", "--compress fp16 applies to --strategy ddp or ring"},
   };
   for (const auto& c : cases) {
     auto r = run(std::string(c.args) + " --quiet --output ''");

@@ -43,6 +43,8 @@ struct Doctor {
     }
   }
   void not_available(const std::string& what, const std::string& why) { mark("n/a ", what, why); }
+  // Works, but slower than it should: reported, does not fail the run.
+  void warn(const std::string& what, const std::string& why) { mark("WARN", what, why); }
 };
 
 std::string fmt(const char* f, double a, double b = 0) {
@@ -104,6 +106,25 @@ void register_doctor(CLI::App& app) {
       s += ", CUDA: " + std::string(torch::cuda::is_available() ? "yes" : "no");
       return s;
     });
+    {
+      // The fc layers' matrix multiplies go to BLAS; one core, the cnn's fc1 shape.
+      const int threads = torch::get_num_threads();
+      torch::set_num_threads(1);
+      auto a = torch::randn({64, 3136}), w = torch::randn({3136, 128});
+      auto c = torch::mm(a, w);
+      auto t0 = Clock::now();
+      int reps = 0;
+      do {
+        c = torch::mm(a, w);
+        ++reps;
+      } while (std::chrono::duration<double>(Clock::now() - t0).count() < 0.2);
+      const double gflops = 2.0 * 64 * 3136 * 128 * reps / std::chrono::duration<double>(Clock::now() - t0).count() / 1e9;
+      torch::set_num_threads(threads);
+      const auto blas = device::blas_info();
+      std::string line = fmt("%.1f GFLOP/s on one core; ", gflops) + blas.describe();
+      if (blas.reference) d.warn("CPU matrix multiply (BLAS)", line + "; " + device::blas_fix());
+      else d.mark("PASS", "CPU matrix multiply (BLAS)", line);
+    }
     const int ncuda = device::cuda_device_count();
     if (ncuda == 0)
       d.not_available("CUDA devices", "none visible (CPU-only LibTorch or no driver); CPU training works");

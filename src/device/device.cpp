@@ -1,5 +1,9 @@
 #include "tandem/device/device.h"
 
+#include <dlfcn.h>
+
+#include <filesystem>
+
 #include <torch/cuda.h>
 
 #include "tandem/util/check.h"
@@ -7,6 +11,35 @@
 namespace tandem::device {
 
 int cuda_device_count() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
+
+BlasInfo blas_info() {
+  BlasInfo b;
+  // The library that provides sgemm_ to this process: the one LibTorch calls.
+  // Several may be mapped (an optimized liblapack pulls in its own BLAS), so
+  // ask the dynamic linker which one the symbol resolves to.
+  if (void* sym = dlsym(RTLD_DEFAULT, "sgemm_")) {
+    Dl_info info{};
+    if (dladdr(sym, &info) && info.dli_fname) {
+      std::error_code ec;
+      auto real = std::filesystem::canonical(info.dli_fname, ec);
+      b.path = ec ? std::string(info.dli_fname) : real.string();
+    }
+  }
+  // Debian installs the reference implementation as <libdir>/blas/libblas.so.3;
+  // the optimized ones live in openblas-*/, blis-*/, atlas/ or intel64/.
+  b.reference = b.path.find("/blas/libblas.so") != std::string::npos;
+  return b;
+}
+
+std::string BlasInfo::describe() const {
+  if (path.empty()) return "no library provides sgemm_ (this LibTorch uses its own matrix kernels)";
+  return path + (reference ? " (the netlib reference BLAS: slow)" : "");
+}
+
+const char* blas_fix() {
+  return "install an optimized BLAS: `sudo apt-get install libopenblas0-openmp` (Debian switches libblas.so.3 to it; "
+         "scripts/deps.sh does this)";
+}
 
 c10::Device parse(const std::string& spec, const std::string& flag, int local_rank) {
   std::string s = spec;

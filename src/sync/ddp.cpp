@@ -23,6 +23,14 @@ double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::d
 
 }  // namespace
 
+Compression parse_compression(const std::string& name, const std::string& flag) {
+  if (name == "none") return Compression::kNone;
+  if (name == "fp16") return Compression::kFp16;
+  TANDEM_FAIL(flag, " ", name, ": unknown gradient compression; choose none or fp16");
+}
+
+std::string to_string(Compression c) { return c == Compression::kFp16 ? "fp16" : "none"; }
+
 void broadcast_module(torch::nn::Module& module, comm::Communicator& comm) {
   if (comm.size() == 1) return;
   auto named = module.named_parameters(/*recurse=*/true);
@@ -123,7 +131,10 @@ BucketedSync::BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::Comm
     b.flat = torch::zeros({n}, p.options().requires_grad(false));
     b.pending = b.slots.size();
     b.name = "bucket " + std::to_string(&b - buckets_.data());
+    if (opts.compression == Compression::kFp16 && b.flat.scalar_type() == at::kFloat)
+      b.wire = torch::zeros({n}, b.flat.options().dtype(at::kHalf));
   }
+  inv_world_ = 1.0 / comm_->size();
   // A world of one has nothing to average: .grad() is already the result, so
   // no hooks, no copies, no communication (and no communication time).
   solo_ = comm_->size() == 1;
@@ -184,7 +195,16 @@ void BucketedSync::launch_bucket_locked(Bucket& b) {
   }
   b.launched = true;
   b.launched_at = Clock::now();
-  b.request = launch(b.flat);
+  if (b.wire.defined()) {
+    // Divide first: the float16 sum of the world's shares cannot overflow
+    // where the fp32 gradients fit.
+    torch::NoGradGuard guard;
+    b.flat.mul_(inv_world_);
+    b.wire.copy_(b.flat);
+    b.request = launch(b.wire);
+  } else {
+    b.request = launch(b.flat);
+  }
 }
 
 void BucketedSync::launch_ready_locked() {
@@ -215,18 +235,21 @@ void BucketedSync::finish() {
     }
     launch_ready_locked();
   }
-  const double inv = 1.0 / comm_->size();
   torch::NoGradGuard guard;
   for (size_t bi = 0; bi < buckets_.size(); ++bi) {
     auto& b = buckets_[bi];
     b.request->wait(comm_->timeout());
     times_.spans.push_back({b.name, b.launched_at, Clock::now()});
-    b.flat.mul_(inv);
+    // A compressed bucket was divided before sending; copy_ casts back to fp32.
+    const bool scale = !b.wire.defined();
+    const auto& sum = scale ? b.flat : b.wire;
     for (auto& s : b.slots) {
       auto& p = params_[s.param];
-      auto view = b.flat.slice(0, s.offset, s.offset + s.numel).view(p.sizes());
-      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
-      p.mutable_grad().copy_(view);
+      auto view = sum.slice(0, s.offset, s.offset + s.numel).view(p.sizes());
+      if (!p.grad().defined()) p.mutable_grad() = torch::empty_like(p);
+      // One pass: the averaged gradient is written straight into .grad().
+      if (scale) at::mul_out(p.mutable_grad(), view, inv_world_);
+      else p.mutable_grad().copy_(view);
     }
   }
   auto t1 = Clock::now();

@@ -167,6 +167,9 @@ void validate(const TrainOptions& o) {
   TANDEM_CHECK(o.grad_accum >= 1, "--grad-accum must be >= 1, got ", o.grad_accum);
   TANDEM_CHECK(o.grad_accum == 1 || o.strategy != "ps", "--grad-accum is not supported with --strategy ps");
   TANDEM_CHECK(o.bucket_mb > 0, "--bucket-mb must be > 0, got ", o.bucket_mb);
+  sync::parse_compression(o.compress);
+  TANDEM_CHECK(o.compress == "none" || o.strategy == "ddp" || o.strategy == "ring", "--compress ", o.compress,
+               " applies to --strategy ddp or ring, not ", o.strategy);
   TANDEM_CHECK(o.threads >= 0, "--threads must be >= 0, got ", o.threads);
   TANDEM_CHECK(o.timeout_s > 0, "--timeout must be > 0 seconds, got ", o.timeout_s);
   TANDEM_CHECK(o.limit >= 0 && o.val_limit >= 0, "--limit/--val-limit must be >= 0");
@@ -234,6 +237,12 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
                  o.strategy.c_str(), method_name(o.strategy).c_str(), world, trainers, trainers == 1 ? "" : "s",
                  static_cast<long long>(o.batch_size), threads, threads == 1 ? "" : "s", plan.describe().c_str(),
                  pp.describe.c_str());
+    if (!plan.model.is_cuda()) {
+      const auto blas = device::blas_info();
+      if (blas.reference)
+        std::fprintf(stderr, "[tandem] warning: %s; linear layers run over 10x slower than they could: %s\n",
+                     blas.describe().c_str(), device::blas_fix());
+    }
   }
 
   // The gradient synchroniser (or the server role).
@@ -241,6 +250,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
   std::unique_ptr<sync::ps::Server> ps_server;
   sync::DdpOptions ddpo;
   ddpo.bucket_mb = o.bucket_mb;
+  ddpo.compression = sync::parse_compression(o.compress);
   if (o.strategy == "ddp") gsync = std::make_unique<sync::DistributedDataParallel>(model.module, comm, ddpo);
   else if (o.strategy == "ring") gsync = std::make_unique<sync::RingSync>(model.module, comm, ddpo);
   else if (server) ps_server = std::make_unique<sync::ps::Server>(model.module, comm, pso);
@@ -447,8 +457,9 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
   result.config = {{"model", o.model},         {"dataset", o.dataset},       {"strategy", o.strategy},
                    {"epochs", o.epochs},       {"lr", o.lr},                 {"momentum", o.momentum},
                    {"seed", o.seed},           {"grad_accum", o.grad_accum}, {"bucket_mb", o.bucket_mb},
-                   {"threads", threads},       {"num_workers", pp.num_workers}, {"buffer_size", pp.buffer_size},
-                   {"limit", o.limit},         {"data_device", plan.data.str()}, {"model_device", plan.model.str()}};
+                   {"compress", o.compress},   {"threads", threads},         {"num_workers", pp.num_workers},
+                   {"buffer_size", pp.buffer_size}, {"limit", o.limit},      {"data_device", plan.data.str()},
+                   {"model_device", plan.model.str()}};
   if (ps)
     result.config.update({{"ps_servers", o.ps_servers}, {"ps_mode", o.ps_mode}, {"staleness", o.staleness},
                           {"ps_transport", pso.transport == sync::ps::Transport::kP2P ? "p2p" : "collective"}});

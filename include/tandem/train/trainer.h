@@ -30,6 +30,7 @@ struct TrainOptions {
   double momentum = 0.9;
   std::string strategy = "ddp";  // ddp | ring | ps | none (compute only, no communication)
   double bucket_mb = 25.0;
+  std::string compress = "none";  // ddp/ring gradient compression: none or fp16
   int grad_accum = 1;
   uint64_t seed = 42;
   int threads = 0;  // intra-op threads per rank; 0: cores / local ranks
