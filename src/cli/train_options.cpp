@@ -41,7 +41,7 @@ void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
   sub->add_option("--bucket-mb", o.bucket_mb, "DDP/ring bucket size in MiB")->capture_default_str();
   sub->add_option("--compress", o.compress,
                   "DDP/ring gradient compression: none, or fp16 (buckets sent as float16: half the bytes, "
-                  "gradients rounded to 11 significant bits)")
+                  "gradients rounded to 11 significant bits; pays on slow links, costs CPU on loopback)")
       ->capture_default_str();
   sub->add_option("--grad-accum", o.grad_accum, "Micro-steps per optimiser step (communicate on the last)")
       ->capture_default_str();
