@@ -5,12 +5,9 @@
 #include <torch/torch.h>
 
 #include "tandem/util/check.h"
+#include "tandem/util/clock.h"
 
 namespace tandem::data {
-namespace {
-using Clock = std::chrono::steady_clock;
-double secs(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-}  // namespace
 
 Loader::Loader(DatasetPtr dataset, LoaderOptions opts) : dataset_(std::move(dataset)), opts_(std::move(opts)) {
   TANDEM_CHECK(opts_.batch_size >= 1, "--batch-size must be >= 1, got ", opts_.batch_size);
@@ -133,7 +130,7 @@ void Loader::worker(int id) {
       auto t1 = Clock::now();
       if (opts_.trace) opts_.trace->span("load batch " + std::to_string(k), track, t0, t1);
       std::lock_guard<std::mutex> lock(mu_);
-      stats_.worker_busy_seconds += secs(t1 - t0);
+      stats_.worker_busy_seconds += seconds(t1 - t0);
       ready_.emplace(k, std::move(b));
     } catch (...) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -160,8 +157,8 @@ std::optional<Batch> Loader::next() {
     auto t1 = Clock::now();
     if (opts_.trace) opts_.trace->span("load (serial)", "train", t0, t1);
     std::lock_guard<std::mutex> lock(mu_);
-    stats_.wait_seconds += secs(t1 - t0);
-    stats_.worker_busy_seconds += secs(t1 - t0);
+    stats_.wait_seconds += seconds(t1 - t0);
+    stats_.worker_busy_seconds += seconds(t1 - t0);
     stats_.fill_samples++;
     stats_.batches++;
     return b;
@@ -174,7 +171,7 @@ std::optional<Batch> Loader::next() {
   cv_.wait(lock, [&] { return error_ || ready_.count(next_deliver_) > 0; });
   auto t1 = Clock::now();
   if (error_) std::rethrow_exception(error_);
-  stats_.wait_seconds += secs(t1 - t0);
+  stats_.wait_seconds += seconds(t1 - t0);
   if (opts_.trace && t1 - t0 > std::chrono::microseconds(50)) opts_.trace->span("wait for data", "train", t0, t1);
   auto it = ready_.find(next_deliver_);
   Batch b = std::move(it->second);

@@ -5,11 +5,10 @@
 #include <torch/torch.h>
 
 #include "tandem/util/check.h"
+#include "tandem/util/clock.h"
 
 namespace tandem::sync {
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;
@@ -19,7 +18,6 @@ std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
-double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
 }  // namespace
 
@@ -253,8 +251,8 @@ void BucketedSync::finish() {
     }
   }
   auto t1 = Clock::now();
-  times_.wait = seconds(t0, t1);
-  times_.comm = any_launched_ ? seconds(first_launch_, t1) : 0.0;
+  times_.wait = seconds(t1 - t0);
+  times_.comm = any_launched_ ? seconds(t1 - first_launch_) : 0.0;
 }
 
 DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Module> module,

@@ -5,15 +5,9 @@
 
 #include "tandem/sync/ps.h"
 #include "tandem/util/check.h"
+#include "tandem/util/clock.h"
 
 namespace tandem::sync::ps {
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-}  // namespace
 
 Worker::Worker(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm, PsOptions opts)
     : module_(std::move(module)),
@@ -35,7 +29,7 @@ void Worker::begin_step(bool sync) {
   times_ = {};
   auto t0 = Clock::now();
   pull();
-  times_.pull = since(t0);
+  times_.pull = seconds_since(t0);
   pulled_ = true;
 }
 
@@ -43,7 +37,7 @@ void Worker::finish() {
   TANDEM_CHECK(pulled_, "ps::Worker::finish() without begin_step(true): every step pulls before it pushes");
   auto t0 = Clock::now();
   push();
-  times_.push = since(t0);
+  times_.push = seconds_since(t0);
   times_.comm = times_.pull + times_.push;
   times_.wait = times_.comm;
   pulled_ = false;

@@ -24,12 +24,11 @@
 #include "tandem/sync/ring_sync.h"
 #include "tandem/train/pipeline_plan.h"
 #include "tandem/util/check.h"
+#include "tandem/util/clock.h"
 
 namespace tandem::train {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double secs(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
 struct Datasets {
   data::DatasetPtr train, val;
@@ -310,7 +309,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
         auto w0 = Clock::now();
         bool warm = loader->wait_ready(pp.warmup_batches, o.model_start_delay);
         if (logger && epoch == 1)
-          std::fprintf(stderr, "[tandem] model start after %.2f s: %s\n", secs(Clock::now() - w0),
+          std::fprintf(stderr, "[tandem] model start after %.2f s: %s\n", seconds(Clock::now() - w0),
                        warm ? (std::to_string(pp.warmup_batches) + " batches buffered").c_str()
                             : "--model-start-delay reached");
       }
@@ -365,10 +364,10 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
           push_sum += t.push;
           wait_sum += t.wait;
         }
-        model_busy_total += secs(s1 - s0);
+        model_busy_total += seconds(s1 - s0);
         ++step;
         // Utilisation timeline, sampled at most 4 times a second.
-        const double now = secs(s1 - run_start);
+        const double now = seconds(s1 - run_start);
         if (now - last_sample_t >= 0.25) {
           auto st = loader->stats();
           double dt = last_sample_t < 0 ? now : now - last_sample_t;
@@ -385,7 +384,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
           last_model_busy = model_busy_total;
         }
         if (logger && bar.due(step)) {
-          const double el = secs(s1 - t_train);
+          const double el = seconds(s1 - t_train);
           auto st = loader->stats();
           bar.update(step, fmt("loss %.4f acc %.3f %.0f img/s stall %.1f%%", tally.loss_sum / tally.count,
                                tally.correct / tally.count, tally.count * trainers / el,
@@ -395,10 +394,10 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
       TANDEM_ASSERT(step == steps, "rank ", rank, " ran ", step, " steps, expected ", steps);
       bar.finish(fmt("loss %.4f acc %.3f %.0f img/s (%.0f steps)", tally.loss_sum / std::max(1.0, tally.count),
                      tally.correct / std::max(1.0, tally.count),
-                     tally.count * trainers / secs(Clock::now() - t_train), static_cast<double>(steps)));
+                     tally.count * trainers / seconds(Clock::now() - t_train), static_cast<double>(steps)));
     }
     if (ps) sync::ps::finalize_epoch(*model.module, *comm, pso);
-    const double train_time_local = secs(Clock::now() - t_epoch);
+    const double train_time_local = seconds(Clock::now() - t_epoch);
     // Combine the epoch across ranks: sums, and the slowest rank's time.
     const int64_t syncs = (steps + o.grad_accum - 1) / o.grad_accum;
     auto st = server ? data::LoaderStats{} : loader->stats();
