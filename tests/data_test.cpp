@@ -12,6 +12,7 @@
 #include "tandem/data/idx.h"
 #include "tandem/data/loader.h"
 #include "tandem/data/sampler.h"
+#include "tandem/train/pipeline_plan.h"
 #include "tandem/util/check.h"
 #include "test_util.h"
 
@@ -253,4 +254,32 @@ TEST(Loader, FullBufferBoundsBatchesInExistence) {
   }
   EXPECT_LE(peak.load(), 5 + 1);  // buffer_size held + the one the consumer holds
   EXPECT_GE(peak.load(), 2);      // and the workers did run ahead
+}
+
+// --buffer-size auto: the buffer is sized by the memory it will live in.
+TEST(PipelinePlan, AutoBufferFitsTheMemoryItLivesIn) {
+  train::TrainOptions o;
+  o.buffer_size = 0;  // auto
+  o.batch_size = 64;
+  o.num_workers = 16;  // wants max(4 x 16, 8) = 64 batches
+  const std::vector<int64_t> shape{1, 28, 28};  // 200,704 bytes per batch as float32
+  // A GPU with 64 MiB free, shared by 2 local ranks: 16 MiB / 2 = 8 MiB -> 41 batches.
+  auto gpu = train::plan_pipeline(o, shape, {"free memory of cuda:0", 64.0 * (1 << 20), 2});
+  EXPECT_EQ(gpu.buffer_size, 41);
+  EXPECT_NE(gpu.describe.find("of free memory of cuda:0"), std::string::npos) << gpu.describe;
+  // Plenty of memory: the workers' need decides.
+  auto ram = train::plan_pipeline(o, shape, {"RAM", 64.0 * (1 << 30), 2});
+  EXPECT_EQ(ram.buffer_size, 64);
+  // Not even one batch fits: still one.
+  EXPECT_EQ(train::plan_pipeline(o, shape, {"RAM", 1024.0, 1}).buffer_size, 1);
+  // An explicit size is kept.
+  o.buffer_size = 7;
+  EXPECT_EQ(train::plan_pipeline(o, shape, {"RAM", 1024.0, 1}).buffer_size, 7);
+}
+
+TEST(PipelinePlan, CpuDataDeviceBudgetsHostRamPerLocalRank) {
+  auto m = train::buffer_memory(c10::Device(c10::kCPU), 3);
+  EXPECT_EQ(m.where, "RAM");
+  EXPECT_EQ(m.sharing_ranks, 3);
+  EXPECT_GT(m.bytes, 1e9);  // this machine has GiBs of RAM
 }

@@ -6,11 +6,32 @@
 
 #include <torch/cuda.h>
 
+#include "tandem/config.h"
 #include "tandem/util/check.h"
+
+#if TANDEM_HAVE_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
+#endif
 
 namespace tandem::device {
 
 int cuda_device_count() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
+
+int64_t free_memory_bytes(const c10::Device& device) {
+  if (!device.is_cuda()) return 0;
+#if TANDEM_HAVE_CUDA
+  c10::cuda::CUDAGuard guard(device);
+  size_t free = 0, total = 0;
+  if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: it is not the training's error
+    return 0;
+  }
+  return static_cast<int64_t>(free);
+#else
+  return 0;
+#endif
+}
 
 BlasInfo blas_info() {
   BlasInfo b;

@@ -4,9 +4,28 @@
 
 #include <algorithm>
 
+#include "tandem/device/device.h"
+
 namespace tandem::train {
 
-PipelinePlan plan_pipeline(const TrainOptions& o, const std::vector<int64_t>& shape) {
+BufferMemory buffer_memory(const c10::Device& data_device, int local_world_size) {
+  BufferMemory m;
+  const int ranks = std::max(1, local_world_size);
+  if (data_device.is_cuda()) {
+    m.where = "free memory of " + data_device.str();
+    m.bytes = static_cast<double>(device::free_memory_bytes(data_device));
+    // Local rank r uses cuda:(r mod devices) for a bare `cuda`: the ranks spread evenly.
+    const int devices = std::max(1, device::cuda_device_count());
+    m.sharing_ranks = (ranks + devices - 1) / devices;
+    if (m.bytes > 0) return m;
+    m.where = "RAM (free memory of " + data_device.str() + " unknown)";  // a build without CUDA, or the query failed
+  }
+  m.bytes = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+  m.sharing_ranks = ranks;
+  return m;
+}
+
+PipelinePlan plan_pipeline(const TrainOptions& o, const std::vector<int64_t>& shape, const BufferMemory& mem) {
   PipelinePlan p;
   p.num_workers = o.num_workers;
   int64_t sample_bytes = 4;
@@ -17,15 +36,14 @@ PipelinePlan plan_pipeline(const TrainOptions& o, const std::vector<int64_t>& sh
     p.buffer_size = o.buffer_size;
     why = "buffer " + std::to_string(p.buffer_size) + " batches";
   } else {
-    const double ram = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
-    const double budget = std::min(ram / 4, 2.0 * (1 << 30)) / std::max(1, o.local_world_size);
-    const int by_ram = static_cast<int>(budget / std::max(1.0, batch_bytes));
+    const double budget = std::min(mem.bytes / 4, 2.0 * (1 << 30)) / std::max(1, mem.sharing_ranks);
+    const int by_memory = static_cast<int>(budget / std::max(1.0, batch_bytes));
     const int by_workers = 4 * std::max(1, p.num_workers);  // enough to ride out one slow batch per worker
-    p.buffer_size = std::max(1, std::min(by_ram, std::max(by_workers, 8)));
-    why = "buffer auto = " + std::to_string(p.buffer_size) + " batches (min(RAM budget " +
-          std::to_string(static_cast<long long>(budget / (1 << 20))) + " MiB / " +
-          std::to_string(static_cast<long long>(batch_bytes / 1024)) + " KiB per batch = " + std::to_string(by_ram) +
-          ", max(4 x workers, 8) = " + std::to_string(std::max(by_workers, 8)) + "))";
+    p.buffer_size = std::max(1, std::min(by_memory, std::max(by_workers, 8)));
+    why = "buffer auto = " + std::to_string(p.buffer_size) + " batches (min(budget " +
+          std::to_string(static_cast<long long>(budget / (1 << 20))) + " MiB of " + mem.where + " / " +
+          std::to_string(static_cast<long long>(batch_bytes / 1024)) + " KiB per batch = " +
+          std::to_string(by_memory) + ", max(4 x workers, 8) = " + std::to_string(std::max(by_workers, 8)) + "))";
   }
   p.warmup_batches = o.warmup_batches >= 0 ? o.warmup_batches : std::min(p.buffer_size, 2 * std::max(1, p.num_workers));
   p.describe = why + ", " + std::to_string(p.num_workers) + " loader worker" + (p.num_workers == 1 ? "" : "s") +

@@ -221,7 +221,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
                "--strategy ", o.strategy, " moves gradients with Gloo point-to-point messages, which take CPU "
                "tensors only; with --model-device ", plan.model.str(), " use --strategy ddp (or a CPU model)");
   Datasets ds = load_datasets(o, logger);
-  PipelinePlan pp = plan_pipeline(o, ds.sample_shape);
+  PipelinePlan pp = plan_pipeline(o, ds.sample_shape, buffer_memory(plan.data, o.local_world_size));
 
   torch::manual_seed(o.seed);
   models::Model model = models::make_model({o.model, ds.num_classes, ds.sample_shape});

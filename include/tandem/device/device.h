@@ -1,5 +1,6 @@
 #pragma once
 // Devices: parsing, checks with remedies, and the data/model device plan.
+#include <cstdint>
 #include <string>
 
 #include <c10/core/Device.h>
@@ -13,6 +14,10 @@ namespace tandem::device {
 c10::Device parse(const std::string& spec, const std::string& flag, int local_rank = 0);
 
 int cuda_device_count();
+
+// Free memory of a CUDA device now (cudaMemGetInfo, which counts what other
+// processes hold); 0 for the CPU or in a build without CUDA.
+int64_t free_memory_bytes(const c10::Device& device);
 
 // The BLAS library this process loaded (LibTorch's CPU matrix multiplies, so
 // every linear layer, go through it), as the dynamic linker resolved sgemm_. Debian's
