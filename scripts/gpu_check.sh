@@ -48,6 +48,9 @@ step train_cuda_to_cpu $T train $D --data-device cuda:0 --model-device cpu --lim
 step train_2ranks_ddp $T train $D --nproc 2 --model-device cuda:0 --strategy ddp --epochs 1 --output "$OUT/ddp2.json"
 step train_2ranks_fp16 $T train $D --nproc 2 --model-device cuda:0 --strategy ddp --compress fp16 --epochs 1 \
   --output "$OUT/ddp2_fp16.json"
+step buffer_auto_cuda $T train $D --data-device cuda:0 --model-device cuda:0 --buffer-size auto --num-workers 4 \
+  --limit 2000 --val-limit 500 --epochs 1 --output "$OUT/buffer_auto.json"
+grep -o "buffer auto = [^,]*" "$OUT/buffer_auto_cuda.log" | tee -a "$summary"
 step export $T data export --dataset fashion-mnist $D --format jpg --out /tmp/fm-jpg --limit 6000
 step resnet18 $T train --dataset imagefolder --data-dir /tmp/fm-jpg --model resnet18 --channels 1 --image-size 28 \
   --data-device cpu --model-device cuda:0 --epochs 2 --cache --num-workers 4 --output "$OUT/resnet18.json"
