@@ -30,9 +30,10 @@ done
 python3 - "$out" "$limit" "$repeats" "$sync_strategy" "$extra" <<'PY'
 import json, statistics, sys
 d, limit, repeats, strat, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5].strip()
-runs = {k: [json.load(open(f"{d}/{k}.{r}.json"))["epochs"][0] for r in range(1, repeats + 1)]
-        for k in ("one", "ddp", "none")}
-print(f"cnn, Fashion-MNIST {limit} samples, batch 64 per rank, 1 thread per rank, sync {strat} {extra}".rstrip())
+docs = {k: [json.load(open(f"{d}/{k}.{r}.json")) for r in range(1, repeats + 1)] for k in ("one", "ddp", "none")}
+runs = {k: [j["epochs"][0] for j in v] for k, v in docs.items()}
+batch = docs["one"][0]["batch_size"]
+print(f"cnn, Fashion-MNIST {limit} samples, batch {batch} per rank, 1 thread per rank, sync {strat} {extra}".rstrip())
 print(f"{'repetition':<12}{'1 rank img/s':>14}{'2 ranks img/s':>15}{'no-comm img/s':>15}{'exposed ms':>12}"
       f"{'2/1':>8}{'sync/no-comm':>14}")
 for r in range(repeats):

@@ -29,3 +29,29 @@ TEST(Doctor, MissingCudaIsReportedNotCrashed) {
     EXPECT_EQ(code, 0) << out;  // a CUDA machine: the dual-device path must pass
   }
 }
+
+// main() raises glibc's mmap and trim thresholds unless the user configured
+// malloc (or turned the tuning off); doctor reports which happened.
+TEST(Doctor, HostAllocatorTuningYieldsToTheUsersSettings) {
+  const std::string clean = "env -u GLIBC_TUNABLES -u MALLOC_MMAP_THRESHOLD_ -u MALLOC_TRIM_THRESHOLD_ "
+                            "-u MALLOC_TOP_PAD_ -u TANDEM_MALLOC_TUNING ";
+  auto doctor = [&](const std::string& env) {
+    std::string cmd = clean + env + " " + TANDEM_EXE + " doctor 2>&1";
+    FILE* p = popen(cmd.c_str(), "r");
+    std::string out;
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    pclose(p);
+    return out;
+  };
+  std::string out = doctor("");
+  EXPECT_NE(out.find("host allocator                     glibc malloc keeps freed memory (mmap and trim "
+                     "thresholds 1 GiB)"),
+            std::string::npos)
+      << out;
+  out = doctor("TANDEM_MALLOC_TUNING=0");
+  EXPECT_NE(out.find("glibc malloc defaults (TANDEM_MALLOC_TUNING=0)"), std::string::npos) << out;
+  out = doctor("MALLOC_TRIM_THRESHOLD_=131072");
+  EXPECT_NE(out.find("glibc malloc as configured by MALLOC_TRIM_THRESHOLD_"), std::string::npos) << out;
+}

@@ -125,6 +125,7 @@ void register_doctor(CLI::App& app) {
       if (blas.reference) d.warn("CPU matrix multiply (BLAS)", line + "; " + device::blas_fix());
       else d.mark("PASS", "CPU matrix multiply (BLAS)", line);
     }
+    d.mark("PASS", "host allocator", host_allocator());
     const int ncuda = device::cuda_device_count();
     if (ncuda == 0)
       d.not_available("CUDA devices", "none visible (CPU-only LibTorch or no driver); CPU training works");

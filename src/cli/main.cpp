@@ -11,6 +11,7 @@
 #include "tandem/comm/communicator.h"
 #include "tandem/comm/env.h"
 #include "tandem/config.h"
+#include "tandem/device/device.h"
 #include "tandem/util/check.h"
 #include "train_options.h"
 
@@ -18,6 +19,9 @@ int main(int argc, char** argv) {
   // Gloo writes to sockets without MSG_NOSIGNAL: a peer that died must surface
   // as a CommError on this rank, not kill it with SIGPIPE.
   std::signal(SIGPIPE, SIG_IGN);
+  // Before any tensor exists: freed tensor memory stays in the process
+  // instead of being faulted in again every step (see device.h).
+  tandem::cli::host_allocator() = tandem::device::tune_host_allocator();
   CLI::App app{"tandem: data-parallel training on every device it is given (LibTorch, c10d Gloo/NCCL)"};
   app.set_version_flag("--version", std::string("tandem ") + TANDEM_VERSION);
   app.require_subcommand(1);

@@ -1,6 +1,9 @@
 #include "tandem/device/device.h"
 
 #include <dlfcn.h>
+#include <malloc.h>
+
+#include <cstdlib>
 
 #include <filesystem>
 
@@ -60,6 +63,21 @@ std::string BlasInfo::describe() const {
 const char* blas_fix() {
   return "install an optimized BLAS: `sudo apt-get install libopenblas0-openmp` (Debian switches libblas.so.3 to it; "
          "scripts/deps.sh does this)";
+}
+
+std::string tune_host_allocator() {
+#if defined(__GLIBC__)
+  for (const char* v : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES"})
+    if (std::getenv(v)) return std::string("glibc malloc as configured by ") + v;
+  const char* off = std::getenv("TANDEM_MALLOC_TUNING");
+  if (off && std::string(off) == "0") return "glibc malloc defaults (TANDEM_MALLOC_TUNING=0)";
+  const int gib = 1 << 30;
+  if (mallopt(M_MMAP_THRESHOLD, gib) == 1 && mallopt(M_TRIM_THRESHOLD, gib) == 1)
+    return "glibc malloc keeps freed memory (mmap and trim thresholds 1 GiB)";
+  return "glibc malloc defaults (mallopt refused the thresholds)";
+#else
+  return "the C library's allocator, untouched";
+#endif
 }
 
 c10::Device parse(const std::string& spec, const std::string& flag, int local_rank) {
