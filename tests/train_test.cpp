@@ -2,6 +2,8 @@
 // Fashion-MNIST subset, and the flag checks.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -82,6 +84,21 @@ TEST(Train, TwoRanksOnASubsetWriteTheResultsJson) {
   EXPECT_EQ(j["batch_size"], 64);
   // 2000 samples, 2 ranks, batch 64: 16 steps per rank.
   EXPECT_EQ(j["all_losses"].size(), 16u);
+  fs::remove_all(d);
+}
+
+// Distributed evaluation counts every validation sample exactly once: with
+// 1001 samples over 3 ranks (shards of 334, 334, 333, loaded by the ranks'
+// loader workers), accuracy is k / 1001 for a whole k.
+TEST(Train, EvaluationCountsEachValidationSampleOnce) {
+  auto d = temp_dir("eval");
+  auto r = run("train --nproc 3 --limit 1536 --val-limit 1001 --num-workers 2 --epochs 1 --quiet --output " +
+               (d / "r.json").string());
+  ASSERT_EQ(r.code, 0) << r.output;
+  const double acc = read_json(d / "r.json")["epochs"][0]["val_accuracy"].get<double>();
+  const double k = acc * 1001;
+  EXPECT_NEAR(k, std::round(k), 1e-6) << "val accuracy " << acc << " is not a multiple of 1/1001";
+  EXPECT_GT(acc, 0.0);
   fs::remove_all(d);
 }
 

@@ -100,24 +100,25 @@ std::pair<at::Tensor, double> loss_and_correct(const at::Tensor& logits, const d
   return {loss, correct};
 }
 
-Tally evaluate(const models::Model& m, const data::DatasetPtr& val, comm::Communicator& comm, int64_t batch,
-               const c10::Device& dev) {
+// Exact distributed evaluation: each rank takes a disjoint slice of the
+// validation set (no padding, no duplicates), loaded by `loader`'s workers
+// like the training data; the sums are all-reduced.
+Tally evaluate(const models::Model& m, data::Loader& loader, const std::vector<int64_t>& indices,
+               comm::Communicator& comm, const c10::Device& dev) {
   torch::NoGradGuard guard;
   m.module->eval();
-  data::DistributedSampler sampler(val->size(), comm.rank(), comm.size(), false, 0, data::Remainder::kNone);
-  auto idx = sampler.indices();
   Tally t;
-  data::LoadContext ctx{0, false, 0};
-  for (size_t b = 0; b < idx.size(); b += batch) {
-    std::vector<int64_t> chunk(idx.begin() + b, idx.begin() + std::min(idx.size(), size_t(b + batch)));
-    auto batch_data = val->get_batch(chunk, ctx);
-    auto x = batch_data.input.to(dev), y = batch_data.target.to(dev);
+  loader.start_epoch(indices, 0);
+  while (auto b = loader.next()) {
+    data::make_ready(*b, dev);
+    const bool async_copy = dev.is_cuda();
+    auto x = b->input.to(dev, async_copy), y = b->target.to(dev, async_copy);
     auto logits = m.forward(x);
     t.loss_sum += torch::nn::functional::cross_entropy(
                       logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
                       .item<double>();
     t.correct += logits.argmax(1).eq(y).sum().item<double>();
-    t.count += static_cast<double>(chunk.size());
+    t.count += static_cast<double>(b->valid());
   }
   auto v = torch::tensor({t.loss_sum, t.correct, t.count}, torch::kFloat64);
   comm.all_reduce(v);
@@ -271,6 +272,15 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
   lo.trace = trace.enabled() ? &trace : nullptr;
   std::unique_ptr<data::Loader> loader;
   std::unique_ptr<data::DistributedSampler> sampler;
+  // Evaluation (every rank, servers too): the same workers and devices, no
+  // augmentation, no padding, no trace spans.
+  data::LoaderOptions vlo = lo;
+  vlo.train = false;
+  vlo.static_shapes = false;
+  vlo.trace = nullptr;
+  data::Loader val_loader(ds.val, vlo);
+  const auto val_indices =
+      data::DistributedSampler(ds.val->size(), rank, world, false, 0, data::Remainder::kNone).indices();
   if (!server) {
     loader = std::make_unique<data::Loader>(ds.train, lo);
     sampler = std::make_unique<data::DistributedSampler>(ds.train->size(), trainer_index, trainers, true, o.seed);
@@ -433,7 +443,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
     er.pipeline.bad_samples = static_cast<int64_t>(sums[10].item<double>());
     for (int64_t i = 0; i < steps; ++i) result.all_losses.push_back(losses[i].item<double>() / trainers);
 
-    Tally val = evaluate(model, ds.val, *comm, o.batch_size, plan.model);
+    Tally val = evaluate(model, val_loader, val_indices, *comm, plan.model);
     er.val_loss = val.loss_sum / std::max(1.0, val.count);
     er.val_accuracy = val.correct / std::max(1.0, val.count);
     result.epochs.push_back(er);
