@@ -18,7 +18,6 @@ std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
-
 }  // namespace
 
 Compression parse_compression(const std::string& name, const std::string& flag) {
@@ -26,8 +25,6 @@ Compression parse_compression(const std::string& name, const std::string& flag) 
   if (name == "fp16") return Compression::kFp16;
   TANDEM_FAIL(flag, " ", name, ": unknown gradient compression; choose none or fp16");
 }
-
-std::string to_string(Compression c) { return c == Compression::kFp16 ? "fp16" : "none"; }
 
 void broadcast_module(torch::nn::Module& module, comm::Communicator& comm) {
   if (comm.size() == 1) return;

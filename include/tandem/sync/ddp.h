@@ -39,7 +39,6 @@ namespace tandem::sync {
 enum class Compression { kNone, kFp16 };
 // "none" or "fp16"; anything else throws naming `flag` and the choices.
 Compression parse_compression(const std::string& name, const std::string& flag = "--compress");
-std::string to_string(Compression c);
 
 struct DdpOptions {
   double bucket_mb = 25.0;
