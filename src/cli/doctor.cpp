@@ -19,12 +19,11 @@
 #include "tandem/device/device.h"
 #include "tandem/models/models.h"
 #include "tandem/util/check.h"
+#include "tandem/util/clock.h"
 #include "train_options.h"
 
 namespace tandem::cli {
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 struct Doctor {
   int failed = 0;
@@ -59,7 +58,7 @@ int allreduce_rank() {
   auto t = torch::full({1 << 20}, static_cast<float>(c->rank() + 1));
   auto t0 = Clock::now();
   c->all_reduce(t);
-  double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  double ms = 1e3 * seconds_since(t0);
   const float want = c->size() * (c->size() + 1) / 2.0f;
   bool ok = torch::equal(t, torch::full({1 << 20}, want));
   if (c->rank() == 0)
@@ -116,8 +115,8 @@ void register_doctor(CLI::App& app) {
       do {
         c = torch::mm(a, w);
         ++reps;
-      } while (std::chrono::duration<double>(Clock::now() - t0).count() < 0.2);
-      const double gflops = 2.0 * 64 * 3136 * 128 * reps / std::chrono::duration<double>(Clock::now() - t0).count() / 1e9;
+      } while (seconds_since(t0) < 0.2);
+      const double gflops = 2.0 * 64 * 3136 * 128 * reps / seconds_since(t0) / 1e9;
       const int threads = torch::get_num_threads();
       const auto blas = device::blas_info();
       std::string line = fmt("%.1f GFLOP/s on %.0f thread", gflops, threads) + (threads == 1 ? "; " : "s; ") +
@@ -125,7 +124,7 @@ void register_doctor(CLI::App& app) {
       if (blas.reference) d.warn("CPU matrix multiply (BLAS)", line + "; " + device::blas_fix());
       else d.mark("PASS", "CPU matrix multiply (BLAS)", line);
     }
-    d.mark("PASS", "host allocator", host_allocator());
+    d.mark("PASS", "host allocator", device::tune_host_allocator());  // idempotent: reports main()'s choice
     const int ncuda = device::cuda_device_count();
     if (ncuda == 0)
       d.not_available("CUDA devices", "none visible (CPU-only LibTorch or no driver); CPU training works");
@@ -155,7 +154,7 @@ void register_doctor(CLI::App& app) {
       auto t0 = Clock::now();
       for (int i = 0; i < 3; ++i) dst.copy_(src, /*non_blocking=*/true);
       if (cuda) torch::cuda::synchronize();
-      double s = std::chrono::duration<double>(Clock::now() - t0).count() / 3;
+      double s = seconds_since(t0) / 3;
       TANDEM_CHECK(torch::equal(dst.cpu(), src.cpu()), "the copy differs from the source");
       return fmt("64 MiB in %.2f ms: %.2f GB/s", s * 1e3, 0.064 * 1.048576 / s);
     });
@@ -183,7 +182,7 @@ void register_doctor(CLI::App& app) {
         opt.step();
         ++n;
       }
-      double wall = std::chrono::duration<double>(Clock::now() - t0).count();
+      double wall = seconds_since(t0);
       TANDEM_CHECK(n == 64, "delivered ", n, " batches, expected 64");
       return fmt("64 batches in %.2f s, stall %.1f%% of the time", wall, 100 * loader.stats().wait_seconds / wall);
     });

@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);
   // Before any tensor exists: freed tensor memory stays in the process
   // instead of being faulted in again every step (see device.h).
-  tandem::cli::host_allocator() = tandem::device::tune_host_allocator();
+  tandem::device::tune_host_allocator();
   CLI::App app{"tandem: data-parallel training on every device it is given (LibTorch, c10d Gloo/NCCL)"};
   app.set_version_flag("--version", std::string("tandem ") + TANDEM_VERSION);
   app.require_subcommand(1);

@@ -15,11 +15,6 @@ std::vector<std::string>& original_args() {
   return args;
 }
 
-std::string& host_allocator() {
-  static std::string what;
-  return what;
-}
-
 void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
   auto& o = f.opts;
   sub->add_option("--nproc", f.nproc, "Local ranks to start (processes on this machine)")->capture_default_str();

@@ -21,8 +21,6 @@ void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy);
 void finalize_train_flags(TrainFlags& f);
 // argv of this process after the program name, for relaunching.
 std::vector<std::string>& original_args();
-// What main() did to the host allocator (device::tune_host_allocator), for doctor.
-std::string& host_allocator();
 
 // Runs this process as one rank of a job (rendezvous from the environment).
 train::RunResult run_as_rank(train::TrainOptions opts, const std::string& master_addr, int master_port);

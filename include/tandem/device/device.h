@@ -41,7 +41,8 @@ const char* blas_fix();
 // ran at 851 img/s with 610k faults per 10k images, and at 2810 img/s with
 // both thresholds at 1 GiB. Leaves things alone when the user has set
 // MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ or
-// GLIBC_TUNABLES, or TANDEM_MALLOC_TUNING=0. Returns what it did, for logs.
+// GLIBC_TUNABLES, or TANDEM_MALLOC_TUNING=0. Returns what it did, for logs;
+// calling it again changes nothing and returns the same.
 // The tandem CLI calls it at start; a library user decides for their process.
 std::string tune_host_allocator();
 
