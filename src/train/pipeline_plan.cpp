@@ -14,9 +14,9 @@ BufferMemory buffer_memory(const c10::Device& data_device, int local_world_size)
   if (data_device.is_cuda()) {
     m.where = "free memory of " + data_device.str();
     m.bytes = static_cast<double>(device::free_memory_bytes(data_device));
-    // Local rank r uses cuda:(r mod devices) for a bare `cuda`: the ranks spread evenly.
-    const int devices = std::max(1, device::cuda_device_count());
-    m.sharing_ranks = (ranks + devices - 1) / devices;
+    // Every local rank may name this GPU (cuda:0 on all of them), so share it
+    // among all; a bare `cuda` spreads the ranks and this then errs low.
+    m.sharing_ranks = ranks;
     if (m.bytes > 0) return m;
     m.where = "RAM (free memory of " + data_device.str() + " unknown)";  // a build without CUDA, or the query failed
   }

@@ -24,7 +24,7 @@ struct PipelinePlan {
 struct BufferMemory {
   std::string where = "RAM";
   double bytes = 0;         // what that memory has: physical RAM, or the GPU's free memory now
-  int sharing_ranks = 1;    // local ranks that put their buffers there
+  int sharing_ranks = 1;    // local ranks that may put their buffers there
 };
 
 // The budget for `--buffer-size auto`: a quarter of `mem.bytes`, at most
@@ -32,8 +32,8 @@ struct BufferMemory {
 PipelinePlan plan_pipeline(const TrainOptions& opts, const std::vector<int64_t>& sample_shape,
                            const BufferMemory& mem);
 
-// Host RAM, or the free memory of `data_device` when it is a GPU (shared by
-// the local ranks that map to the same GPU).
+// Host RAM, or the free memory of `data_device` when it is a GPU, shared by
+// the local ranks.
 BufferMemory buffer_memory(const c10::Device& data_device, int local_world_size);
 
 }  // namespace tandem::train
