@@ -29,7 +29,6 @@
 namespace tandem::train {
 namespace {
 
-
 struct Datasets {
   data::DatasetPtr train, val;
   std::shared_ptr<data::ImageFolderDataset> train_folder, val_folder;  // imagefolder only
@@ -100,6 +99,15 @@ std::pair<at::Tensor, double> loss_and_correct(const at::Tensor& logits, const d
   return {loss, correct};
 }
 
+// The batch's input and target on the model device, once the loader's upload
+// (if any) is visible to the current stream. Non-blocking only towards CUDA:
+// a device-to-host copy must have landed before the CPU reads it.
+std::pair<at::Tensor, at::Tensor> on_model_device(data::Batch& b, const c10::Device& model) {
+  data::make_ready(b, model);
+  const bool async_copy = model.is_cuda();
+  return {b.input.to(model, async_copy), b.target.to(model, async_copy)};
+}
+
 // Exact distributed evaluation: each rank takes a disjoint slice of the
 // validation set (no padding, no duplicates), loaded by `loader`'s workers
 // like the training data; the sums are all-reduced.
@@ -110,9 +118,7 @@ Tally evaluate(const models::Model& m, data::Loader& loader, const std::vector<i
   Tally t;
   loader.start_epoch(indices, 0);
   while (auto b = loader.next()) {
-    data::make_ready(*b, dev);
-    const bool async_copy = dev.is_cuda();
-    auto x = b->input.to(dev, async_copy), y = b->target.to(dev, async_copy);
+    auto [x, y] = on_model_device(*b, dev);
     auto logits = m.forward(x);
     t.loss_sum += torch::nn::functional::cross_entropy(
                       logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
@@ -332,12 +338,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
         if (step % o.grad_accum == 0) optimizer.zero_grad();
         if (gsync) gsync->begin_step(sync_now);
         auto s_xfer = Clock::now();
-        data::make_ready(*batch, plan.model);
-        // Non-blocking only towards CUDA: a device-to-host copy must have landed
-        // before the CPU reads it.
-        const bool async_copy = plan.model.is_cuda();
-        auto x = batch->input.to(plan.model, async_copy);
-        auto y = batch->target.to(plan.model, async_copy);
+        auto [x, y] = on_model_device(*batch, plan.model);
         auto s_fwd = Clock::now();
         auto logits = model.forward(x);
         auto [loss, correct] = loss_and_correct(logits, *batch, y);
