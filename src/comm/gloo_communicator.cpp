@@ -7,6 +7,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/version.h>
 
+#include "tandem/comm/shm.h"
 #include "tandem/util/check.h"
 
 namespace tandem::comm {
@@ -45,6 +46,11 @@ c10d::ReduceOp to_c10d(ReduceOp op) {
     default: return c10d::ReduceOp::SUM;
   }
 }
+
+class DoneRequest : public Request {
+ public:
+  void wait(Milliseconds) override {}
+};
 
 class GlooCommunicator : public Communicator {
  public:
@@ -94,6 +100,21 @@ class GlooCommunicator : public Communicator {
     o.reduceOp = to_c10d(op);
     o.timeout = timeout_;
     return post([&] { return pg_->reduce(v, o); }, t, "reduce", root);
+  }
+  RequestPtr all_gather_async(at::Tensor& out, const at::Tensor& in) override {
+    check_contig(out);
+    check_contig(in);
+    TANDEM_CHECK(out.scalar_type() == in.scalar_type() && out.numel() == in.numel() * size_,
+                 "all_gather: output must hold world size x ", in.numel(), " elements of the input's type, got ",
+                 out.numel());
+    if (in.numel() == 0) return std::make_shared<DoneRequest>();  // nothing to move (and Gloo divides by it)
+    std::vector<at::Tensor> input{in.view({-1})};
+    std::vector<std::vector<at::Tensor>> outputs(1);
+    auto flat = out.view({size_, in.numel()});
+    for (int r = 0; r < size_; ++r) outputs[0].push_back(flat[r]);
+    c10d::AllgatherOptions o;
+    o.timeout = timeout_;
+    return post([&] { return pg_->allgather(outputs, input, o); }, out, "all-gather", -1);
   }
   void barrier() override {
     c10d::BarrierOptions o;
@@ -152,11 +173,6 @@ class GlooCommunicator : public Communicator {
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
 };
 
-class DoneRequest : public Request {
- public:
-  void wait(Milliseconds) override {}
-};
-
 class SingleCommunicator : public Communicator {
  public:
   int rank() const override { return 0; }
@@ -165,6 +181,11 @@ class SingleCommunicator : public Communicator {
   RequestPtr all_reduce_async(at::Tensor&, ReduceOp) override { return std::make_shared<DoneRequest>(); }
   RequestPtr broadcast_async(at::Tensor&, int) override { return std::make_shared<DoneRequest>(); }
   RequestPtr reduce_async(at::Tensor&, int, ReduceOp) override { return std::make_shared<DoneRequest>(); }
+  RequestPtr all_gather_async(at::Tensor& out, const at::Tensor& in) override {
+    TANDEM_CHECK(out.numel() == in.numel(), "all_gather: output must hold ", in.numel(), " elements, got ", out.numel());
+    if (!out.is_same(in)) out.view({-1}).copy_(in.view({-1}));
+    return std::make_shared<DoneRequest>();
+  }
   void barrier() override {}
   RequestPtr send_async(at::Tensor&, int dst, int) override { TANDEM_FAIL("send to rank ", dst, " in a world of size 1"); }
   RequestPtr recv_async(at::Tensor&, int src, int) override { TANDEM_FAIL("recv from rank ", src, " in a world of size 1"); }
@@ -181,14 +202,26 @@ CommunicatorPtr make_gloo(c10::intrusive_ptr<c10d::Store> store, int rank, int s
 
 CommunicatorPtr make_single() { return std::make_shared<SingleCommunicator>(); }
 
-InProcessGroup::InProcessGroup(int size, GlooOptions opts) : size_(size), opts_(std::move(opts)) {
+InProcessGroup::InProcessGroup(int size, GlooOptions opts, std::string backend)
+    : size_(size), opts_(std::move(opts)), backend_(std::move(backend)) {
   store_ = c10::make_intrusive<c10d::HashStore>();
 }
 
-CommunicatorPtr InProcessGroup::connect(int rank) { return make_gloo(store_, rank, size_, opts_); }
+CommunicatorPtr InProcessGroup::connect(int rank) {
+  ShmOptions so;
+  so.timeout = opts_.timeout;
+  if (backend_ == "shm") return make_shm(store_, rank, size_, so);
+  if (backend_ == "hybrid") {
+    std::vector<std::string> hosts;
+    for (int r = 0; r < size_; ++r) hosts.push_back(r < (size_ + 1) / 2 ? "hostA" : "hostB");
+    return make_hybrid(store_, rank, size_, hosts, opts_, so);
+  }
+  TANDEM_CHECK(backend_ == "gloo", "in-process group: unknown backend '", backend_, "' (gloo, shm, hybrid)");
+  return make_gloo(store_, rank, size_, opts_);
+}
 
-void spawn(int size, const std::function<void(int, CommunicatorPtr)>& fn, GlooOptions opts) {
-  InProcessGroup group(size, opts);
+void spawn(int size, const std::function<void(int, CommunicatorPtr)>& fn, GlooOptions opts, const std::string& backend) {
+  InProcessGroup group(size, opts, backend);
   std::vector<std::thread> threads;
   std::vector<std::exception_ptr> errors(size);
   for (int r = 0; r < size; ++r) {

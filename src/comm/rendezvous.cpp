@@ -1,11 +1,17 @@
 #include "tandem/comm/rendezvous.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <map>
 
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <iostream>
+
 #include "tandem/comm/env.h"
+#include "tandem/comm/shm.h"
 #include "tandem/util/check.h"
 
 namespace tandem::comm {
@@ -27,6 +33,45 @@ std::string env_str(const char* name) {
 }
 
 }  // namespace
+
+const std::vector<std::string>& comm_kinds() {
+  static const std::vector<std::string> kinds{"auto", "gloo", "shm", "hybrid"};
+  return kinds;
+}
+
+void validate_comm(const std::string& kind) {
+  const auto& k = comm_kinds();
+  TANDEM_CHECK(std::find(k.begin(), k.end(), kind) != k.end(), "--comm: unknown communicator '", kind,
+               "' (accepted: auto, gloo, shm, hybrid)");
+}
+
+std::string choose_comm(const std::string& kind, const std::vector<std::string>& host_of, std::string* why) {
+  validate_comm(kind);
+  std::map<std::string, int> per_host;
+  for (const auto& h : host_of) ++per_host[h];
+  int most = 0;
+  for (const auto& [h, n] : per_host) most = std::max(most, n);
+  const int hosts = static_cast<int>(per_host.size()), ranks = static_cast<int>(host_of.size());
+  std::string layout = std::to_string(ranks) + " ranks on " + std::to_string(hosts) + (hosts == 1 ? " host" : " hosts");
+  std::string chosen = kind, reason;
+  if (kind == "auto") {
+    if (hosts == 1) {
+      chosen = "shm", reason = "auto: " + layout + " (" + host_of.front() + "), shared memory";
+    } else if (most > 1) {
+      chosen = "hybrid", reason = "auto: " + layout + ", shared memory inside each host, Gloo between hosts";
+    } else {
+      chosen = "gloo", reason = "auto: " + layout + ", one rank per host, Gloo";
+    }
+  } else {
+    reason = "asked for (" + layout + ")";
+  }
+  if (chosen == "shm")
+    TANDEM_CHECK(hosts == 1, "--comm shm needs every rank on one host, but the ", layout, " (",
+                 per_host.begin()->first, ", ", std::next(per_host.begin())->first,
+                 ", ...): use --comm hybrid or auto (hosts are told apart by host name, or TANDEM_HOST_ID)");
+  if (why) *why = reason;
+  return chosen;
+}
 
 WorldInfo resolve_world(const RendezvousOptions& o) {
   WorldInfo w;
@@ -70,6 +115,7 @@ WorldInfo resolve_world(const RendezvousOptions& o) {
 
 CommunicatorPtr init_from_env(const RendezvousOptions& o) {
   WorldInfo w = resolve_world(o);
+  validate_comm(o.comm);
   if (w.world_size == 1) return make_single();
   GlooOptions g;
   g.timeout = o.timeout;
@@ -99,6 +145,19 @@ CommunicatorPtr init_from_env(const RendezvousOptions& o) {
     bool loopback = w.master_addr == "127.0.0.1" || w.master_addr == "localhost";
     g.hostname = !bind.empty() ? bind : (loopback ? "127.0.0.1" : "");
   }
+  if (!o.store_prefix.empty()) store = c10::make_intrusive<c10d::PrefixStore>(o.store_prefix, store);
+  std::string kind = o.comm, why = "asked for";
+  std::vector<std::string> hosts;
+  if (kind != "gloo") {
+    hosts = exchange_hosts(*store, w.rank, w.world_size, "tandem/rdzv/", o.timeout);
+    kind = choose_comm(kind, hosts, &why);
+  }
+  if (o.verbose && w.rank == 0) std::cerr << "tandem: communicator " << kind << " (" << why << ")\n";
+  ShmOptions so;
+  so.timeout = o.timeout;
+  if (kind == "shm")
+    return make_shm(c10::make_intrusive<c10d::PrefixStore>("tandem/shm/", store), w.rank, w.world_size, so);
+  if (kind == "hybrid") return make_hybrid(store, w.rank, w.world_size, hosts, g, so);
   return make_gloo(store, w.rank, w.world_size, g);
 }
 

@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <set>
 #include <sstream>
 
@@ -232,8 +233,33 @@ void validate(const LaunchOptions& o) {
   }
 }
 
+// Removes what ranks of this job that were killed before they unlinked it
+// left in /dev/shm (segments are named tandem-<job id>-...; see comm/shm.h).
+class ShmSweep {
+ public:
+  ShmSweep() {
+    std::random_device rd;
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%08x%04x", rd(), rd() & 0xffff);
+    id_ = buf;
+  }
+  ~ShmSweep() {
+    std::error_code ec;
+    const std::string prefix = "tandem-" + id_ + "-";
+    for (const auto& e : std::filesystem::directory_iterator("/dev/shm", ec)) {
+      auto name = e.path().filename().string();
+      if (name.rfind(prefix, 0) == 0) std::filesystem::remove(e.path(), ec);
+    }
+  }
+  const std::string& id() const { return id_; }
+
+ private:
+  std::string id_;
+};
+
 int launch(const LaunchOptions& o, std::ostream& log) {
   validate(o);
+  ShmSweep shm_sweep;
   const int nproc = o.nproc_per_node;
   const int world = o.nnodes * nproc;
 
@@ -253,6 +279,7 @@ int launch(const LaunchOptions& o, std::ostream& log) {
   base[env::kMasterAddr] = o.master_addr;
   base[env::kMasterPort] = std::to_string(o.master_port);
   if (dir) base[env::kStorePath] = dir->path() + "/store";
+  base[env::kJobId] = shm_sweep.id();
   // Per-rank values below take precedence over extra_env only for these two.
   for (const auto& [k, v] : o.extra_env) base[k] = v;
 

@@ -55,6 +55,9 @@ class Communicator {
   virtual RequestPtr all_reduce_async(at::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
   virtual RequestPtr broadcast_async(at::Tensor& t, int root) = 0;
   virtual RequestPtr reduce_async(at::Tensor& t, int root, ReduceOp op = ReduceOp::kSum) = 0;
+  // out (size() x in.numel() elements, same type) receives every rank's `in`,
+  // rank r's at offset r x in.numel().
+  virtual RequestPtr all_gather_async(at::Tensor& out, const at::Tensor& in) = 0;
   virtual void barrier() = 0;
 
   // Point-to-point. Tags tell concurrent messages between one pair apart.
@@ -62,10 +65,14 @@ class Communicator {
   virtual RequestPtr recv_async(at::Tensor& t, int src, int tag) = 0;
   virtual RequestPtr recv_any_async(at::Tensor& t, int tag) = 0;
 
-  // Blocking conveniences (wait with this communicator's timeout).
-  void all_reduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) { all_reduce_async(t, op)->wait(timeout_); }
-  void broadcast(at::Tensor& t, int root) { broadcast_async(t, root)->wait(timeout_); }
-  void reduce(at::Tensor& t, int root, ReduceOp op = ReduceOp::kSum) { reduce_async(t, root, op)->wait(timeout_); }
+  // Blocking conveniences (wait with this communicator's timeout). A backend
+  // may override the collectives to run them on the caller's thread.
+  virtual void all_reduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) { all_reduce_async(t, op)->wait(timeout_); }
+  virtual void broadcast(at::Tensor& t, int root) { broadcast_async(t, root)->wait(timeout_); }
+  virtual void reduce(at::Tensor& t, int root, ReduceOp op = ReduceOp::kSum) {
+    reduce_async(t, root, op)->wait(timeout_);
+  }
+  virtual void all_gather(at::Tensor& out, const at::Tensor& in) { all_gather_async(out, in)->wait(timeout_); }
   void send(at::Tensor& t, int dst, int tag) { send_async(t, dst, tag)->wait(timeout_); }
   void recv(at::Tensor& t, int src, int tag) { recv_async(t, src, tag)->wait(timeout_); }
   // Returns the rank the message came from.
@@ -97,21 +104,25 @@ CommunicatorPtr make_single();
 
 // In-process group for tests: `size` communicators sharing one HashStore, one
 // per thread. Construction is collective, so each is built on its own thread.
+// backend: "gloo", "shm", or "hybrid" (the first half of the ranks act as one
+// host, the rest as another).
 class InProcessGroup {
  public:
-  explicit InProcessGroup(int size, GlooOptions opts = {});
+  explicit InProcessGroup(int size, GlooOptions opts = {}, std::string backend = "gloo");
   CommunicatorPtr connect(int rank);  // call from the rank's thread
   int size() const { return size_; }
 
  private:
   int size_;
   GlooOptions opts_;
+  std::string backend_;
   c10::intrusive_ptr<c10d::Store> store_;
 };
 
 // Runs fn(rank, comm) on `size` threads with an in-process group; rethrows the
 // first exception after every thread finished.
-void spawn(int size, const std::function<void(int, CommunicatorPtr)>& fn, GlooOptions opts = {});
+void spawn(int size, const std::function<void(int, CommunicatorPtr)>& fn, GlooOptions opts = {},
+           const std::string& backend = "gloo");
 
 }  // namespace comm
 }  // namespace tandem

@@ -24,4 +24,11 @@ constexpr const char* kStorePath = "TANDEM_STORE_PATH";
 // Address Gloo binds to on this host (default 127.0.0.1 single-host, the
 // host's name otherwise).
 constexpr const char* kBindAddr = "TANDEM_BIND_ADDR";
+// Which host a rank is on, for grouping ranks that share memory (default: the
+// host name). Tests give groups of ranks on one machine different ids.
+constexpr const char* kHostId = "TANDEM_HOST_ID";
+// Set by `tandem launch`: part of the job's shared-memory segment names, so
+// that the launcher can remove what a killed job left.
+constexpr const char* kJobId = "TANDEM_JOB_ID";
+constexpr const char* kGlooSocketIfname = "GLOO_SOCKET_IFNAME";  // PyTorch's: bind Gloo to this interface's IPv4 address
 }  // namespace tandem::env

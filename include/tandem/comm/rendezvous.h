@@ -8,6 +8,7 @@
 // loopback only); else a TCPStore at MASTER_ADDR:MASTER_PORT, served by rank 0.
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "tandem/comm/communicator.h"
 
@@ -31,12 +32,31 @@ struct RendezvousOptions {
   std::string store_path;
   std::string bind_addr;  // Gloo device address; default chosen from the store kind
   Milliseconds timeout = kDefaultTimeout;
+  // Keys of this communicator in the job's store start with this (several
+  // communicators over one store need distinct prefixes).
+  std::string store_prefix;
+  // auto | gloo | shm | hybrid (see choose_comm).
+  std::string comm = "auto";
+  // Rank 0 writes one line to stderr saying which communicator was chosen and why.
+  bool verbose = false;
 };
+
+// The accepted --comm values, for messages and validation.
+const std::vector<std::string>& comm_kinds();
+// Throws tandem::Error naming the flag for a value not in comm_kinds().
+void validate_comm(const std::string& kind);
+
+// What `kind` becomes for ranks on the hosts `host_of` (one entry per rank):
+// auto is shm when all ranks share a host, hybrid when several hosts and some
+// host has more than one rank, gloo otherwise. Throws tandem::Error when shm is
+// asked for ranks on several hosts. `why` gets a one-line reason.
+std::string choose_comm(const std::string& kind, const std::vector<std::string>& host_of, std::string* why = nullptr);
 
 // Reads the environment (through getenv) and applies the overrides.
 WorldInfo resolve_world(const RendezvousOptions& overrides = {});
 
-// Builds the store and the Gloo communicator described by resolve_world().
+// Builds the store and the communicator described by resolve_world() and
+// overrides.comm.
 CommunicatorPtr init_from_env(const RendezvousOptions& overrides = {});
 
 }  // namespace tandem::comm

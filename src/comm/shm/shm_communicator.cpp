@@ -1,0 +1,759 @@
+// Communicator over one host's shared-memory segment (see tandem/comm/shm.h).
+//
+// Collectives advance in chunks numbered k = 0, 1, 2, ... on every rank alike
+// (all ranks run the same collectives in the same order). Rank r publishes its
+// progress on chunk k in its `phase` word:
+//   3k+1  its input for chunk k is in its slot buffer k%2
+//   3k+2  it reduced its slice of chunk k (written back into its own slot)
+//   3k+3  it is done reading everyone's slots for chunk k
+// Before rank r writes its buffer k%2 again (chunk k) every rank must have
+// published 3(k-2)+3 = 3k-3, i.e. finished reading chunk k-2 from it. That is
+// the only back-pressure, so a rank runs at most one chunk ahead of the
+// slowest: copy-in of chunk k+1 overlaps the others' reduce of chunk k.
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <list>
+#include <mutex>
+#include <thread>
+
+#include "kernels.h"
+#include "segment.h"
+#include "tandem/comm/env.h"
+#include "tandem/comm/shm.h"
+#include "tandem/util/check.h"
+
+namespace tandem::comm {
+namespace {
+
+using shm::PeerStatus;
+using shm::Segment;
+using SteadyClock = std::chrono::steady_clock;
+
+// Completion shared by the engine that runs an operation and its waiter.
+class OpState : public Request {
+ public:
+  OpState(std::string what, std::int64_t spin_ns) : what_(std::move(what)), spin_ns_(spin_ns) {}
+  void complete(std::exception_ptr error = nullptr, int source = -1) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      error_ = std::move(error);
+      source_ = source;
+      done_.store(true, std::memory_order_release);
+    }
+    cv_.notify_all();
+  }
+  bool done() const { return done_.load(std::memory_order_acquire); }
+  void wait(Milliseconds timeout) override {
+    if (!done() && spin_ns_ > 0) {
+      auto until = SteadyClock::now() + std::chrono::nanoseconds(std::min<std::int64_t>(spin_ns_, 20000));
+      while (!done() && SteadyClock::now() < until) {
+      }
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!cv_.wait_for(lock, timeout, [&] { return done(); }))
+      throw CommError(what_ + " did not complete within " + std::to_string(timeout.count()) +
+                      " ms (a peer rank stopped responding; raise --timeout if it is only slow)");
+    if (error_) std::rethrow_exception(error_);
+  }
+  int source_rank() const override { return source_; }
+  const std::string& what() const { return what_; }
+
+ private:
+  std::string what_;
+  std::int64_t spin_ns_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<bool> done_{false};
+  std::exception_ptr error_;
+  int source_ = -1;
+};
+using OpStatePtr = std::shared_ptr<OpState>;
+
+enum class Kind { kAllReduce, kBroadcast, kReduce, kAllGather, kBarrier };
+
+struct CollOp {
+  Kind kind;
+  at::Tensor t;   // in place; all-gather: the output
+  at::Tensor in;  // all-gather: the input
+  ReduceOp op = ReduceOp::kSum;
+  int root = -1;
+  OpStatePtr st;
+};
+
+struct P2POp {
+  bool send;
+  int peer;  // -1: any source
+  int tag;
+  std::uint8_t* data;
+  std::size_t bytes;
+  std::size_t done = 0;
+  bool header_sent = false;
+  at::Tensor keep;
+  OpStatePtr st;
+};
+
+// A message on a channel: a 16-byte header, then the payload padded to 16.
+struct MsgHeader {
+  std::int64_t tag;
+  std::uint64_t bytes;
+};
+constexpr std::size_t kAlign = 16;
+std::size_t padded(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+struct Incoming {
+  bool active = false;
+  int tag = 0;
+  std::size_t bytes = 0, done = 0;
+  std::shared_ptr<P2POp> target;             // matched receive, or
+  std::shared_ptr<std::vector<std::uint8_t>> unexpected;  // held until a receive is posted
+};
+
+struct Unexpected {
+  int src, tag;
+  std::shared_ptr<std::vector<std::uint8_t>> data;
+  bool complete;
+};
+
+std::int64_t default_spin(int ranks) {
+  long cores = ::sysconf(_SC_NPROCESSORS_ONLN);
+  return ranks <= cores ? 50'000 : 0;
+}
+
+std::string job_id_for(const ShmOptions& o) {
+  if (!o.job_id.empty()) return o.job_id;
+  const char* v = std::getenv(env::kJobId);
+  return v && *v ? v : "j";
+}
+
+class ShmCommunicator : public Communicator {
+ public:
+  ShmCommunicator(c10::intrusive_ptr<c10d::Store> store, int rank, int size, const ShmOptions& o)
+      : rank_(rank), size_(size), opts_(o), store_(store),
+        seg_(store, rank, shm::Geometry{size, o.chunk_bytes, o.channel_bytes}, job_id_for(o), o.timeout) {
+    timeout_ = o.timeout;
+    spin_ns_ = o.spin_ns >= 0 ? o.spin_ns : default_spin(size);
+    labels_ = o.rank_labels;
+    if (labels_.empty())
+      for (int r = 0; r < size; ++r) labels_.push_back(r);
+    incoming_.resize(size);
+    sends_.resize(size);
+  }
+
+  ~ShmCommunicator() override {
+    {
+      std::lock_guard<std::mutex> lock(qmu_);
+      stop_ = true;
+    }
+    qcv_.notify_all();
+    {
+      std::lock_guard<std::mutex> lock(pmu_);
+      stopping_.store(true);
+    }
+    pcv_.notify_all();
+    seg_.ring(rank_);
+    if (coll_thread_.joinable()) coll_thread_.join();
+    if (p2p_thread_.joinable()) p2p_thread_.join();
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "shm"; }
+
+  RequestPtr all_reduce_async(at::Tensor& t, ReduceOp op) override {
+    return submit({Kind::kAllReduce, checked(t, "all-reduce"), {}, op, -1, nullptr});
+  }
+  RequestPtr broadcast_async(at::Tensor& t, int root) override {
+    check_root(root, "broadcast");
+    return submit({Kind::kBroadcast, checked(t, "broadcast", false), {}, ReduceOp::kSum, root, nullptr});
+  }
+  RequestPtr reduce_async(at::Tensor& t, int root, ReduceOp op) override {
+    check_root(root, "reduce");
+    return submit({Kind::kReduce, checked(t, "reduce"), {}, op, root, nullptr});
+  }
+  RequestPtr all_gather_async(at::Tensor& out, const at::Tensor& in) override {
+    check_gather(out, in);
+    return submit({Kind::kAllGather, out, in, ReduceOp::kSum, -1, nullptr});
+  }
+  void barrier() override { run_blocking({Kind::kBarrier, {}, {}, ReduceOp::kSum, -1, nullptr}); }
+
+  void all_reduce(at::Tensor& t, ReduceOp op) override {
+    run_blocking({Kind::kAllReduce, checked(t, "all-reduce"), {}, op, -1, nullptr});
+  }
+  void broadcast(at::Tensor& t, int root) override {
+    check_root(root, "broadcast");
+    run_blocking({Kind::kBroadcast, checked(t, "broadcast", false), {}, ReduceOp::kSum, root, nullptr});
+  }
+  void reduce(at::Tensor& t, int root, ReduceOp op) override {
+    check_root(root, "reduce");
+    run_blocking({Kind::kReduce, checked(t, "reduce"), {}, op, root, nullptr});
+  }
+  void all_gather(at::Tensor& out, const at::Tensor& in) override {
+    check_gather(out, in);
+    run_blocking({Kind::kAllGather, out, in, ReduceOp::kSum, -1, nullptr});
+  }
+
+  RequestPtr send_async(at::Tensor& t, int dst, int tag) override {
+    check_p2p(t, "send");
+    TANDEM_CHECK(dst >= 0 && dst < size_ && dst != rank_, "send: bad destination rank ", dst);
+    return post_p2p(true, dst, tag, t, "send to rank " + std::to_string(label(dst)));
+  }
+  RequestPtr recv_async(at::Tensor& t, int src, int tag) override {
+    check_p2p(t, "recv");
+    TANDEM_CHECK(src >= 0 && src < size_ && src != rank_, "recv: bad source rank ", src);
+    return post_p2p(false, src, tag, t, "recv from rank " + std::to_string(label(src)));
+  }
+  RequestPtr recv_any_async(at::Tensor& t, int tag) override {
+    check_p2p(t, "recv");
+    TANDEM_CHECK(size_ > 1, "recv in a world of size 1");
+    return post_p2p(false, -1, tag, t, "recv from any rank");
+  }
+
+ private:
+  // ---- argument checks -------------------------------------------------
+  at::Tensor checked(at::Tensor& t, const char* what, bool reducing = true) {
+    TANDEM_CHECK(t.is_contiguous(), "communicator: tensors must be contiguous");
+    TANDEM_CHECK(t.is_cpu(), "shared-memory ", what, " takes CPU tensors, got one on ", t.device().str(),
+                 "; copy it to the CPU first or use --comm nccl/gloo");
+    if (reducing)
+      TANDEM_CHECK(shm::reducible(t.scalar_type()), "shared-memory ", what, ": element type ",
+                   c10::toString(t.scalar_type()),
+                   " is not supported (float32/64, float16, bfloat16, int32/64 are); use --comm gloo");
+    return t;
+  }
+  void check_root(int root, const char* what) const {
+    TANDEM_CHECK(root >= 0 && root < size_, what, ": root rank ", root, " is outside world size ", size_);
+  }
+  void check_gather(const at::Tensor& out, const at::Tensor& in) const {
+    TANDEM_CHECK(out.is_contiguous() && in.is_contiguous(), "communicator: tensors must be contiguous");
+    TANDEM_CHECK(out.is_cpu() && in.is_cpu(), "shared-memory all-gather takes CPU tensors");
+    TANDEM_CHECK(out.scalar_type() == in.scalar_type() && out.numel() == in.numel() * size_,
+                 "all_gather: output must hold world size x ", in.numel(), " elements of the input's type, got ",
+                 out.numel());
+  }
+  void check_p2p(const at::Tensor& t, const char* what) const {
+    TANDEM_CHECK(t.is_contiguous(), "communicator: tensors must be contiguous");
+    TANDEM_CHECK(t.is_cpu(), "shared-memory ", what, " takes CPU tensors, got one on ", t.device().str());
+  }
+  int label(int r) const { return labels_[r]; }
+  std::string self() const { return "rank " + std::to_string(label(rank_)); }
+
+  // ---- collectives: queue, thread, inline path -------------------------
+  std::string describe_op(const CollOp& c) const {
+    static const char* names[] = {"all-reduce", "broadcast", "reduce", "all-gather", "barrier"};
+    std::string s = self() + ": shared-memory " + names[static_cast<int>(c.kind)];
+    if (c.t.defined()) s += " of " + std::to_string(c.t.numel() * c.t.element_size()) + " bytes";
+    return s + " (collective #" + std::to_string(coll_count_) + ")";
+  }
+
+  RequestPtr submit(CollOp c) {
+    ++coll_count_;
+    c.st = std::make_shared<OpState>(describe_op(c), spin_ns_);
+    auto st = c.st;
+    {
+      std::lock_guard<std::mutex> lock(qmu_);
+      if (!coll_thread_.joinable()) coll_thread_ = std::thread([this] { coll_loop(); });
+      queue_.push_back(std::move(c));
+    }
+    qcv_.notify_one();
+    return st;
+  }
+
+  // A blocking collective runs on the caller's thread when nothing is queued
+  // (saves two thread hand-offs on small messages), else behind the queue.
+  void run_blocking(CollOp c) {
+    bool inline_run = false;
+    {
+      std::lock_guard<std::mutex> lock(qmu_);
+      if (queue_.empty() && !busy_) busy_ = inline_run = true;
+    }
+    if (!inline_run) {
+      submit(std::move(c))->wait(timeout_ + Milliseconds(1000));
+      return;
+    }
+    ++coll_count_;
+    std::exception_ptr err;
+    try {
+      execute(c);
+    } catch (...) {
+      err = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> lock(qmu_);
+      busy_ = false;
+    }
+    qcv_.notify_all();
+    if (err) std::rethrow_exception(err);
+  }
+
+  void coll_loop() {
+    for (;;) {
+      CollOp c;
+      {
+        std::unique_lock<std::mutex> lock(qmu_);
+        qcv_.wait(lock, [&] { return stop_ || (!queue_.empty() && !busy_); });
+        if (stop_) break;
+        c = std::move(queue_.front());
+        queue_.pop_front();
+        busy_ = true;
+      }
+      std::exception_ptr err;
+      try {
+        execute(c);
+      } catch (...) {
+        err = std::current_exception();
+      }
+      {
+        std::lock_guard<std::mutex> lock(qmu_);
+        busy_ = false;
+      }
+      c.st->complete(err);
+    }
+    std::lock_guard<std::mutex> lock(qmu_);
+    for (auto& c : queue_) c.st->complete(std::make_exception_ptr(CommError(c.st->what() + ": communicator destroyed")));
+    queue_.clear();
+  }
+
+  void execute(CollOp& c) {
+    if (!broken_.empty()) throw CommError(broken_);
+    try {
+      switch (c.kind) {
+        case Kind::kAllReduce: return reduce_chunks(c.t, c.op, -1);
+        case Kind::kReduce: return reduce_chunks(c.t, c.op, c.root);
+        case Kind::kBroadcast: return broadcast_chunks(c.t, c.root);
+        case Kind::kAllGather: return gather_chunks(c.t, c.in);
+        case Kind::kBarrier: return barrier_chunk();
+      }
+    } catch (const CommError& e) {
+      broken_ = e.what();
+      throw;
+    }
+  }
+
+  // ---- the chunk protocol ------------------------------------------------
+  void publish(std::uint64_t phase) {
+    seg_.state(rank_).phase.store(phase, std::memory_order_release);
+    seg_.ring_all();
+  }
+
+  // Waits until rank `only` (or every rank, with -1) has published `phase`.
+  void wait_phase(std::uint64_t phase, const char* step, int only = -1) {
+    auto reached = [&](int r) { return seg_.state(r).phase.load(std::memory_order_acquire) >= phase; };
+    auto ready = [&] {
+      if (only >= 0) return reached(only);
+      for (int r = 0; r < size_; ++r)
+        if (!reached(r)) return false;
+      return true;
+    };
+    const auto deadline = SteadyClock::now() + timeout_;
+    auto check = [&] {
+      if (stopping_.load()) throw CommError(self() + ": communicator destroyed during " + step);
+      std::string late;
+      bool fatal = false, expired = SteadyClock::now() >= deadline;
+      for (int r = 0; r < size_; ++r) {
+        if ((only >= 0 && r != only) || reached(r)) continue;
+        auto s = seg_.status(r);
+        if (s == PeerStatus::kGone || s == PeerStatus::kClosed) fatal = true;
+        if (s == PeerStatus::kGone || s == PeerStatus::kClosed || expired)
+          late += (late.empty() ? "" : "; ") + std::string("rank ") + std::to_string(label(r)) + " (pid " +
+                  std::to_string(seg_.state(r).pid.load()) + ") " + shm::describe(s);
+      }
+      if (fatal || expired)
+        throw CommError(self() + ": " + step + " (collective chunk " + std::to_string(phase / 3) + ") failed: " +
+                        late + (expired ? " within the timeout of " + std::to_string(timeout_.count()) + " ms" : "") +
+                        " (see the launcher's report for why; raise --timeout if a rank is only slow)");
+    };
+    seg_.wait(ready, check, spin_ns_);
+  }
+
+  // Before writing my slot buffer for chunk k: everyone has finished chunk k-2.
+  void claim_buffer(std::uint64_t k, const char* step) {
+    if (k >= 2) wait_phase(3 * k - 3, step);
+  }
+
+  std::size_t chunk_elems(const at::Tensor& t) const {
+    return std::max<std::size_t>(1, opts_.chunk_bytes / t.element_size());
+  }
+
+  // All-reduce (root < 0) or reduce to `root`.
+  void reduce_chunks(at::Tensor& t, ReduceOp op, int root) {
+    const std::size_t n = static_cast<std::size_t>(t.numel()), es = t.element_size(), ce = chunk_elems(t);
+    auto* data = static_cast<std::uint8_t*>(t.data_ptr());
+    const auto type = t.scalar_type();
+    const bool want = root < 0 || root == rank_;
+    const void* in[64];
+    TANDEM_CHECK(size_ <= 64, "shared-memory communicator: at most 64 local ranks, got ", size_);
+    for (std::size_t off = 0; off < n; off += ce) {
+      const std::size_t m = std::min(ce, n - off);
+      const std::uint64_t k = seq_++;
+      const int b = static_cast<int>(k & 1);
+      claim_buffer(k, "reduce: waiting for a free buffer");
+      std::memcpy(seg_.slot(rank_, b), data + off * es, m * es);
+      publish(3 * k + 1);
+      wait_phase(3 * k + 1, "reduce: waiting for every rank's input");
+      if (m * es <= opts_.small_bytes) {
+        if (want) {
+          for (int r = 0; r < size_; ++r) in[r] = seg_.slot(r, b);
+          shm::reduce(type, op, data + off * es, in, size_, m);
+        }
+        publish(3 * k + 3);
+        continue;
+      }
+      // Reduce-scatter: my slice, from every slot, into my slot ...
+      const std::size_t per = ((m + size_ - 1) / size_ + 15) & ~std::size_t{15};  // 64-byte aligned slices
+      const std::size_t lo = std::min(m, per * rank_), hi = std::min(m, lo + per);
+      if (hi > lo) {
+        for (int r = 0; r < size_; ++r) in[r] = seg_.slot(r, b) + lo * es;
+        std::uint8_t* mine = seg_.slot(rank_, b) + lo * es;
+        shm::reduce(type, op, mine, in, size_, hi - lo);
+        if (want) std::memcpy(data + (off + lo) * es, mine, (hi - lo) * es);
+      }
+      publish(3 * k + 2);
+      // ... then all-gather: every other slice from its owner's slot.
+      if (want) {
+        wait_phase(3 * k + 2, "reduce: waiting for the reduced slices");
+        for (int r = 0; r < size_; ++r) {
+          const std::size_t rlo = std::min(m, per * r), rhi = std::min(m, rlo + per);
+          if (r != rank_ && rhi > rlo) std::memcpy(data + (off + rlo) * es, seg_.slot(r, b) + rlo * es, (rhi - rlo) * es);
+        }
+      }
+      publish(3 * k + 3);
+    }
+  }
+
+  void broadcast_chunks(at::Tensor& t, int root) {
+    const std::size_t n = t.numel() * t.element_size(), c = opts_.chunk_bytes;
+    auto* data = static_cast<std::uint8_t*>(t.data_ptr());
+    for (std::size_t off = 0; off < n; off += c) {
+      const std::size_t m = std::min(c, n - off);
+      const std::uint64_t k = seq_++;
+      const int b = static_cast<int>(k & 1);
+      if (rank_ == root) {
+        claim_buffer(k, "broadcast: waiting for a free buffer");
+        std::memcpy(seg_.slot(rank_, b), data + off, m);
+      } else {
+        wait_phase(3 * k + 1, "broadcast: waiting for the root's data", root);
+        std::memcpy(data + off, seg_.slot(root, b), m);
+      }
+      publish(3 * k + 3);
+    }
+  }
+
+  void gather_chunks(at::Tensor& out, const at::Tensor& in) {
+    const std::size_t n = in.numel() * in.element_size(), c = opts_.chunk_bytes;
+    const auto* src = static_cast<const std::uint8_t*>(in.data_ptr());
+    auto* dst = static_cast<std::uint8_t*>(out.data_ptr());
+    for (std::size_t off = 0; off < n; off += c) {
+      const std::size_t m = std::min(c, n - off);
+      const std::uint64_t k = seq_++;
+      const int b = static_cast<int>(k & 1);
+      claim_buffer(k, "all-gather: waiting for a free buffer");
+      std::memcpy(seg_.slot(rank_, b), src + off, m);
+      publish(3 * k + 1);
+      wait_phase(3 * k + 1, "all-gather: waiting for every rank's input");
+      for (int r = 0; r < size_; ++r) std::memcpy(dst + r * n + off, seg_.slot(r, b), m);
+      publish(3 * k + 3);
+    }
+  }
+
+  void barrier_chunk() {
+    const std::uint64_t k = seq_++;
+    publish(3 * k + 1);
+    wait_phase(3 * k + 1, "barrier");
+    publish(3 * k + 3);
+  }
+
+  // ---- point-to-point: a progress engine on its own thread -------------
+  RequestPtr post_p2p(bool send, int peer, int tag, at::Tensor& t, std::string what) {
+    auto op = std::make_shared<P2POp>();
+    op->send = send;
+    op->peer = peer;
+    op->tag = tag;
+    op->data = static_cast<std::uint8_t*>(t.data_ptr());
+    op->bytes = t.numel() * t.element_size();
+    op->keep = t;
+    op->st = std::make_shared<OpState>(self() + ": shared-memory " + what, spin_ns_);
+    auto st = op->st;
+    {
+      std::lock_guard<std::mutex> lock(pmu_);
+      if (!p2p_thread_.joinable()) p2p_thread_ = std::thread([this] { p2p_loop(); });
+      submitted_.push_back(std::move(op));
+      posted_count_.fetch_add(1, std::memory_order_release);
+    }
+    pcv_.notify_one();
+    seg_.ring(rank_);
+    return st;
+  }
+
+  void fail(const std::shared_ptr<P2POp>& op, const std::string& why) {
+    op->st->complete(std::make_exception_ptr(CommError(op->st->what() + " failed: " + why)));
+  }
+
+  // Writes as much of the head send to `dst` as the ring has room for.
+  bool pump_send(int dst) {
+    auto& q = sends_[dst];
+    bool progress = false;
+    while (!q.empty()) {
+      auto& op = q.front();
+      auto& ch = seg_.channel(rank_, dst);
+      std::uint8_t* ring = seg_.channel_data(rank_, dst);
+      const std::size_t cap = opts_.channel_bytes;
+      std::uint64_t head = ch.head.load(std::memory_order_relaxed);
+      std::uint64_t tail = ch.tail.load(std::memory_order_acquire);
+      std::size_t room = cap - static_cast<std::size_t>(head - tail);
+      if (!op->header_sent) {
+        if (room < sizeof(MsgHeader)) break;
+        MsgHeader h{op->tag, op->bytes};
+        std::memcpy(ring + head % cap, &h, sizeof h);
+        head += sizeof h;
+        room -= sizeof h;
+        op->header_sent = true;
+        progress = true;
+      }
+      const std::size_t total = padded(op->bytes);
+      while (op->done < total && room > 0) {
+        const std::size_t pos = head % cap;
+        const std::size_t n = std::min({room, cap - pos, total - op->done});
+        const std::size_t real = op->done < op->bytes ? std::min(n, op->bytes - op->done) : 0;
+        if (real) std::memcpy(ring + pos, op->data + op->done, real);
+        head += n;
+        room -= n;
+        op->done += n;
+        progress = true;
+      }
+      ch.head.store(head, std::memory_order_release);
+      if (progress) seg_.ring(dst);
+      if (op->done < total) break;
+      op->st->complete();
+      q.pop_front();
+    }
+    return progress;
+  }
+
+  std::shared_ptr<P2POp> match_posted(int src, int tag) {
+    for (auto it = recvs_.begin(); it != recvs_.end(); ++it) {
+      if ((*it)->tag == tag && ((*it)->peer == src || (*it)->peer < 0)) {
+        auto op = *it;
+        recvs_.erase(it);
+        return op;
+      }
+    }
+    return nullptr;
+  }
+
+  // A posted receive takes the oldest complete held message that matches.
+  bool match_unexpected(const std::shared_ptr<P2POp>& op) {
+    for (auto it = unexpected_.begin(); it != unexpected_.end(); ++it) {
+      if (!it->complete || it->tag != op->tag || (op->peer >= 0 && it->src != op->peer)) continue;
+      if (it->data->size() != op->bytes) {
+        fail(op, "size mismatch: rank " + std::to_string(label(it->src)) + " sent " +
+                     std::to_string(it->data->size()) + " bytes, the receive holds " + std::to_string(op->bytes));
+      } else {
+        if (op->bytes) std::memcpy(op->data, it->data->data(), op->bytes);
+        op->st->complete(nullptr, it->src);
+      }
+      unexpected_.erase(it);
+      return true;
+    }
+    return false;
+  }
+
+  bool pump_recv(int src) {
+    auto& ch = seg_.channel(src, rank_);
+    const std::uint8_t* ring = seg_.channel_data(src, rank_);
+    const std::size_t cap = opts_.channel_bytes;
+    auto& in = incoming_[src];
+    bool progress = false;
+    std::uint64_t tail = ch.tail.load(std::memory_order_relaxed);
+    std::uint64_t head = ch.head.load(std::memory_order_acquire);
+    for (;;) {
+      if (!in.active) {
+        if (head - tail < sizeof(MsgHeader)) break;
+        MsgHeader h;
+        std::memcpy(&h, ring + tail % cap, sizeof h);
+        tail += sizeof h;
+        in = Incoming{};
+        in.active = true;
+        in.tag = static_cast<int>(h.tag);
+        in.bytes = h.bytes;
+        in.target = match_posted(src, in.tag);
+        if (in.target && in.target->bytes != in.bytes) {
+          fail(in.target, "size mismatch: rank " + std::to_string(label(src)) + " sent " + std::to_string(in.bytes) +
+                              " bytes, the receive holds " + std::to_string(in.target->bytes));
+          in.target = nullptr;
+        }
+        if (!in.target) {
+          in.unexpected = std::make_shared<std::vector<std::uint8_t>>(in.bytes);
+          unexpected_.push_back({src, in.tag, in.unexpected, false});
+        }
+        progress = true;
+      }
+      const std::size_t total = padded(in.bytes);
+      while (in.done < total && head > tail) {
+        const std::size_t pos = tail % cap;
+        const std::size_t n = std::min({static_cast<std::size_t>(head - tail), cap - pos, total - in.done});
+        const std::size_t real = in.done < in.bytes ? std::min(n, in.bytes - in.done) : 0;
+        std::uint8_t* dst = in.target ? in.target->data : in.unexpected->data();
+        if (real) std::memcpy(dst + in.done, ring + pos, real);
+        tail += n;
+        in.done += n;
+        progress = true;
+      }
+      if (in.done < total) break;
+      in.active = false;
+      if (in.target) {
+        in.target->st->complete(nullptr, src);
+      } else {
+        for (auto& u : unexpected_)
+          if (u.data == in.unexpected) u.complete = true;
+        // A receive posted while this message was arriving takes it now.
+        for (auto it = recvs_.begin(); it != recvs_.end(); ++it)
+          if (match_unexpected(*it)) {
+            recvs_.erase(it);
+            break;
+          }
+      }
+    }
+    if (progress) {
+      ch.tail.store(tail, std::memory_order_release);
+      seg_.ring(src);
+    }
+    return progress;
+  }
+
+  // Changes whenever something the engine waits on may have moved.
+  std::uint64_t p2p_signature() const {
+    std::uint64_t s = posted_count_.load(std::memory_order_acquire);
+    for (int r = 0; r < size_; ++r) {
+      if (r == rank_) continue;
+      s += seg_.channel(r, rank_).head.load(std::memory_order_acquire) * 3;
+      s += seg_.channel(rank_, r).tail.load(std::memory_order_acquire) * 7;
+    }
+    return s;
+  }
+
+  void p2p_loop() {
+    for (;;) {
+      const std::uint64_t sig = p2p_signature();
+      std::deque<std::shared_ptr<P2POp>> fresh;
+      {
+        std::lock_guard<std::mutex> lock(pmu_);
+        fresh.swap(submitted_);
+      }
+      for (auto& op : fresh) {
+        if (op->send) {
+          sends_[op->peer].push_back(op);
+        } else if (!match_unexpected(op)) {
+          recvs_.push_back(op);
+        }
+      }
+      bool progress = !fresh.empty();
+      for (int r = 0; r < size_; ++r) {
+        if (r == rank_) continue;
+        progress |= pump_send(r);
+        progress |= pump_recv(r);
+      }
+      if (stopping_.load()) break;
+      if (progress) continue;
+      if (idle()) {
+        // Nothing posted: sleep until the owner posts (a sender that fills
+        // the ring waits until a receive is posted here).
+        std::unique_lock<std::mutex> lock(pmu_);
+        pcv_.wait(lock, [&] { return stopping_.load() || !submitted_.empty(); });
+        continue;
+      }
+      try {
+        seg_.wait([&] { return stopping_.load() || p2p_signature() != sig; }, [&] { check_p2p_peers(); },
+                  spin_ns_);
+      } catch (const CommError&) {
+      }
+    }
+    auto gone = [&](const std::shared_ptr<P2POp>& op) { fail(op, "communicator destroyed"); };
+    for (auto& q : sends_)
+      for (auto& op : q) gone(op);
+    for (auto& op : recvs_) gone(op);
+    std::lock_guard<std::mutex> lock(pmu_);
+    for (auto& op : submitted_) gone(op);
+  }
+
+  bool idle() const {
+    if (!recvs_.empty()) return false;
+    for (int r = 0; r < size_; ++r)
+      if (!sends_[r].empty() || incoming_[r].active) return false;
+    return true;
+  }
+
+  // Fails the operations that wait on a peer that is gone.
+  void check_p2p_peers() {
+    for (int r = 0; r < size_; ++r) {
+      if (r == rank_) continue;
+      auto s = seg_.status(r);
+      if (s != PeerStatus::kGone && s != PeerStatus::kClosed) continue;
+      const std::string why = "rank " + std::to_string(label(r)) + " (pid " + std::to_string(seg_.state(r).pid.load()) +
+                              ") " + shm::describe(s);
+      // A send to it can never drain; a receive from it completes only if the
+      // whole message is already in the ring (pump_recv took it before this).
+      auto& q = sends_[r];
+      for (auto& op : q) fail(op, why);
+      q.clear();
+      for (auto it = recvs_.begin(); it != recvs_.end();) {
+        if ((*it)->peer == r || (*it)->peer < 0) {
+          fail(*it, why);
+          it = recvs_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      if (incoming_[r].active && incoming_[r].target) {
+        fail(incoming_[r].target, why);
+        incoming_[r].target = nullptr;
+      }
+    }
+  }
+
+  int rank_, size_;
+  ShmOptions opts_;
+  c10::intrusive_ptr<c10d::Store> store_;  // kept: a FileStore's file lives while any rank holds it
+  Segment seg_;
+  std::int64_t spin_ns_ = 0;
+  std::vector<int> labels_;
+  std::atomic<bool> stopping_{false};
+
+  // Collectives. seq_ and broken_ belong to whoever runs the current one.
+  std::mutex qmu_;
+  std::condition_variable qcv_;
+  std::deque<CollOp> queue_;
+  bool busy_ = false, stop_ = false;
+  std::thread coll_thread_;
+  std::uint64_t seq_ = 0;
+  std::uint64_t coll_count_ = 0;
+  std::string broken_;
+
+  // Point-to-point: submitted_ under pmu_; the rest belongs to the engine.
+  std::mutex pmu_;
+  std::condition_variable pcv_;
+  std::deque<std::shared_ptr<P2POp>> submitted_;
+  std::atomic<std::uint64_t> posted_count_{0};
+  std::thread p2p_thread_;
+  std::vector<std::deque<std::shared_ptr<P2POp>>> sends_;
+  std::list<std::shared_ptr<P2POp>> recvs_;
+  std::vector<Incoming> incoming_;
+  std::list<Unexpected> unexpected_;
+};
+
+}  // namespace
+
+CommunicatorPtr make_shm(c10::intrusive_ptr<c10d::Store> store, int rank, int size, const ShmOptions& opts) {
+  TANDEM_CHECK(size >= 1, "world size must be >= 1, got ", size);
+  TANDEM_CHECK(rank >= 0 && rank < size, "rank ", rank, " is outside world size ", size);
+  TANDEM_CHECK(opts.chunk_bytes >= 4096 && opts.chunk_bytes % 64 == 0,
+               "shared-memory chunk must be a multiple of 64 bytes, at least 4096, got ", opts.chunk_bytes);
+  TANDEM_CHECK(opts.channel_bytes >= 4096 && opts.channel_bytes % 64 == 0,
+               "shared-memory channel must be a multiple of 64 bytes, at least 4096, got ", opts.channel_bytes);
+  return std::make_shared<ShmCommunicator>(std::move(store), rank, size, opts);
+}
+
+}  // namespace tandem::comm
