@@ -65,7 +65,11 @@ class SyncEquivalence : public ::testing::TestWithParam<std::tuple<std::string, 
 
 TEST_P(SyncEquivalence, TwoRanksMatchOneRankOnTheUnionBatch) {
   torch::set_num_threads(1);
-  auto [kind, accum, bucket_mb] = GetParam();
+  auto [kind_at, accum, bucket_mb] = GetParam();
+  // "ddp" runs over Gloo; "ddp/shm" over the shared-memory communicator.
+  const auto slash = kind_at.find('/');
+  const std::string kind = kind_at.substr(0, slash);
+  const std::string backend = slash == std::string::npos ? "gloo" : kind_at.substr(slash + 1);
   auto reference = train(0, 1, 1, [](auto) { return sync::GradientSyncPtr(); });
   std::vector<Outcome> got(2);
   comm::spawn(2, [&](int rank, comm::CommunicatorPtr c) {
@@ -75,7 +79,7 @@ TEST_P(SyncEquivalence, TwoRanksMatchOneRankOnTheUnionBatch) {
       if (kind == "ring") return std::make_unique<sync::RingSync>(m, c, o);
       return std::make_unique<sync::DistributedDataParallel>(m, c, o);
     });
-  });
+  }, {}, backend);
   for (int r = 0; r < 2; ++r) {
     expect_close(got[r].first_grads, reference.first_grads, "averaged gradient");
     expect_close(got[r].params, reference.params, "parameters after 5 steps");
@@ -85,7 +89,9 @@ TEST_P(SyncEquivalence, TwoRanksMatchOneRankOnTheUnionBatch) {
 INSTANTIATE_TEST_SUITE_P(DdpAndRing, SyncEquivalence,
                          ::testing::Values(std::make_tuple("ddp", 1, 25.0), std::make_tuple("ddp", 2, 25.0),
                                            std::make_tuple("ddp", 1, 0.05), std::make_tuple("ring", 1, 0.05),
-                                           std::make_tuple("ring", 2, 25.0)));
+                                           std::make_tuple("ring", 2, 25.0), std::make_tuple("ddp/shm", 1, 25.0),
+                                           std::make_tuple("ddp/shm", 2, 0.05), std::make_tuple("ring/shm", 1, 0.05),
+                                           std::make_tuple("ddp/hybrid", 1, 0.05)));
 
 // --compress fp16: what arrives in .grad() went over the wire as float16 (so
 // every value is exactly a float16), and stays within float16's rounding of

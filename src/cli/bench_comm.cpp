@@ -4,6 +4,7 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <sstream>
 
 #include "commands.h"
 #include "tandem/collectives/bench.h"
@@ -18,7 +19,8 @@ namespace {
 
 struct BenchCommArgs {
   int nproc = 2;
-  std::string min_bytes = "4K", max_bytes = "64M", algos = "gloo,ring,ps", json, ring_chunk = "default";
+  std::string min_bytes = "4K", max_bytes = "64M", algos = "native,ring,ps", json, ring_chunk = "default";
+  std::string comm = "auto";
   int iters = 20, warmup = 5;
   double timeout_s = 300;
 };
@@ -42,10 +44,32 @@ void run_bench_comm(const BenchCommArgs& a) {
     return;
   }
 
-  comm::RendezvousOptions ro;
-  ro.timeout = comm::Milliseconds(static_cast<int64_t>(a.timeout_s * 1000));
-  auto c = comm::init_from_env(ro);
-  auto rows = collectives::bench_comm(*c, o);
+  std::vector<std::string> kinds;
+  {
+    std::stringstream ss(a.comm);
+    std::string k;
+    while (std::getline(ss, k, ','))
+      if (!k.empty()) {
+        comm::validate_comm(k);
+        kinds.push_back(k);
+      }
+    TANDEM_CHECK(!kinds.empty(), "--comm: empty list (accepted: auto, gloo, shm, hybrid, comma-separated)");
+  }
+  // Every communicator stays alive to the end: each has its own prefix in the
+  // one store, and they are interleaved iteration by iteration.
+  std::vector<comm::CommunicatorPtr> comms;
+  std::vector<comm::Communicator*> raw;
+  for (const auto& k : kinds) {
+    comm::RendezvousOptions ro;
+    ro.timeout = comm::Milliseconds(static_cast<int64_t>(a.timeout_s * 1000));
+    ro.comm = k;
+    ro.store_prefix = "bench/" + k + "/";
+    ro.verbose = true;
+    comms.push_back(comm::init_from_env(ro));
+    raw.push_back(comms.back().get());
+  }
+  auto& c = comms.front();
+  auto rows = collectives::bench_comm(raw, o);
   if (c->rank() == 0) {
     std::cout << collectives::format_table(rows, c->size(), o) << std::flush;
     if (!a.json.empty()) {
@@ -55,7 +79,7 @@ void run_bench_comm(const BenchCommArgs& a) {
       TANDEM_CHECK(f.good(), "--json: error writing '", a.json, "'");
     }
   }
-  c->barrier();  // no rank leaves while others still talk to it
+  for (auto& x : comms) x->barrier();  // no rank leaves while others still talk to it
   bool all_ok = true;
   for (const auto& r : rows) all_ok = all_ok && r.correct;
   TANDEM_CHECK(all_ok, "bench comm: a result differs from the expected sum (see the check column)");
@@ -68,9 +92,10 @@ void register_bench(CLI::App& app) {
   bench->require_subcommand(1);
   auto* sub = bench->add_subcommand(
       "comm",
-      "Time all-reduce over message sizes: c10d Gloo (gloo), tandem's ring (ring) and the parameter server's "
-      "reduce + broadcast (ps). Prints an nccl-tests style table (time, algbw, busbw, correctness check) and the "
-      "ring/gloo busbw ratio per size.");
+      "Time all-reduce over message sizes: each communicator's own all-reduce (rows named gloo, shm, hybrid), "
+      "tandem's ring (ring) and the parameter server's reduce + broadcast (ps), on every communicator of --comm, "
+      "interleaved. Prints an nccl-tests style table (time, algbw, busbw, correctness check) and busbw ratios "
+      "against gloo per size.");
   auto a = std::make_shared<BenchCommArgs>();
   sub->add_option("--nproc", a->nproc,
                   "Ranks to start on this host (ignored when already started as a rank, e.g. by tandem launch)")
@@ -81,14 +106,21 @@ void register_bench(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("--iters", a->iters, "Timed iterations per size and algorithm")->capture_default_str();
   sub->add_option("--warmup", a->warmup, "Untimed iterations before timing")->capture_default_str();
-  sub->add_option("--algos", a->algos, "Comma-separated algorithms: gloo, ring, ps")->capture_default_str();
+  sub->add_option("--algos", a->algos,
+                  "Comma-separated algorithms: native (the communicator's all-reduce; gloo/shm/hybrid name it too), "
+                  "ring, ps")
+      ->capture_default_str();
+  sub->add_option("--comm", a->comm,
+                  "Comma-separated communicators to compare: auto, gloo, shm (one host), hybrid (shared memory in a "
+                  "host, Gloo across)")
+      ->capture_default_str();
   sub->add_option("--ring-chunk", a->ring_chunk,
                   "ring: transfer unit within a step (bytes, K/M suffixes); default: ring_all_reduce's")
       ->capture_default_str();
   sub->add_option("--json", a->json, "Also write the rows as JSON to this file (rank 0)");
   sub->add_option("--timeout", a->timeout_s, "Seconds before a silent peer is an error")->capture_default_str();
-  sub->footer("Examples:\n  tandem bench comm --nproc 2\n  tandem bench comm --nproc 4 --min-bytes 1M --max-bytes 256M "
-              "--algos gloo,ring --json comm.json");
+  sub->footer("Examples:\n  tandem bench comm --nproc 2 --comm shm,gloo --algos native\n"
+              "  tandem bench comm --nproc 4 --min-bytes 1M --max-bytes 256M --comm gloo --algos native,ring --json comm.json");
   sub->callback([a] { run_bench_comm(*a); });
 }
 

@@ -38,6 +38,11 @@ void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
                     "Gradient sync: ddp (bucketed c10d all-reduce), ring (tandem's ring all-reduce), ps "
                     "(parameter server), none (compute only, for benchmarks)")
         ->capture_default_str();
+  sub->add_option("--comm", o.comm,
+                  "How ranks talk: auto (shm when all ranks share a host, hybrid when several hosts have several "
+                  "ranks, else gloo), gloo (c10d over TCP), shm (shared memory, one host), hybrid (shared memory in "
+                  "each host, Gloo between hosts)")
+      ->capture_default_str();
   sub->add_option("--bucket-mb", o.bucket_mb, "DDP/ring bucket size in MiB")->capture_default_str();
   sub->add_option("--compress", o.compress,
                   "DDP/ring gradient compression: none, or fp16 (buckets sent as float16: half the bytes, "
@@ -105,6 +110,8 @@ train::RunResult run_as_rank(train::TrainOptions opts, const std::string& master
   ro.master_addr = master_addr;
   ro.master_port = master_port;
   ro.timeout = std::chrono::milliseconds(static_cast<int64_t>(opts.timeout_s * 1000));
+  ro.comm = opts.comm;
+  ro.verbose = !opts.quiet;
   auto world = comm::resolve_world(ro);
   opts.local_world_size = world.local_world_size;
   opts.local_rank = world.local_rank;

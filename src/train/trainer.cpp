@@ -11,6 +11,7 @@
 
 #include <torch/torch.h>
 
+#include "tandem/comm/rendezvous.h"
 #include "tandem/data/idx.h"
 #include "tandem/data/image_folder.h"
 #include "tandem/data/loader.h"
@@ -174,6 +175,7 @@ void validate(const TrainOptions& o) {
   TANDEM_CHECK(o.grad_accum == 1 || o.strategy != "ps", "--grad-accum is not supported with --strategy ps");
   TANDEM_CHECK(o.bucket_mb > 0, "--bucket-mb must be > 0, got ", o.bucket_mb);
   sync::parse_compression(o.compress);
+  comm::validate_comm(o.comm);
   TANDEM_CHECK(o.compress == "none" || o.strategy == "ddp" || o.strategy == "ring", "--compress ", o.compress,
                " applies to --strategy ddp or ring, not ", o.strategy);
   TANDEM_CHECK(o.threads >= 0, "--threads must be >= 0, got ", o.threads);
@@ -469,7 +471,7 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
                    {"seed", o.seed},           {"grad_accum", o.grad_accum}, {"bucket_mb", o.bucket_mb},
                    {"compress", o.compress},   {"threads", threads},         {"num_workers", pp.num_workers},
                    {"buffer_size", pp.buffer_size}, {"limit", o.limit},      {"data_device", plan.data.str()},
-                   {"model_device", plan.model.str()}};
+                   {"model_device", plan.model.str()}, {"comm", comm->backend()}};
   if (ps)
     result.config.update({{"ps_servers", o.ps_servers}, {"ps_mode", o.ps_mode}, {"staleness", o.staleness},
                           {"ps_transport", pso.transport == sync::ps::Transport::kP2P ? "p2p" : "collective"}});

@@ -6,7 +6,11 @@
 // every algorithm once (in reversed order every other round), each operation
 // started by a barrier and timed alone (interleaving makes a change of load
 // on a shared host hit all algorithms alike). time_us is the median over the iterations, maximum over ranks.
-//  - gloo: Communicator::all_reduce (c10d ProcessGroupGloo).
+// Several communicators (gloo, shm, ...) may be given: every algorithm runs on
+// each, interleaved the same way.
+//  - native: Communicator::all_reduce of the backend (c10d ProcessGroupGloo,
+//    tandem's shared memory, ...); its rows are named after the backend
+//    ("gloo", "shm", "hybrid"), which --algos also accepts for it.
 //  - ring: collectives::ring_all_reduce (tandem's ring on send/recv).
 //  - ps:   Communicator::reduce to rank 0 then broadcast from rank 0: the
 //          gradient push and parameter pull of the parameter server's
@@ -35,12 +39,13 @@ struct BenchOptions {
   int64_t max_bytes = 64 << 20;
   int iters = 20;
   int warmup = 5;
-  std::vector<std::string> algos{"gloo", "ring", "ps"};
+  std::vector<std::string> algos{"native", "ring", "ps"};
   size_t ring_chunk_bytes = RingOptions{}.chunk_bytes;  // ring: transfer unit
 };
 
 struct BenchRow {
-  std::string algo;
+  std::string algo;  // the backend's name for native all-reduce, else ring / ps
+  std::string comm;  // the communicator's backend
   int64_t bytes = 0;
   double time_us = 0;     // median over iterations, max over ranks
   double algbw_gbps = 0;  // bytes / time
@@ -49,7 +54,7 @@ struct BenchRow {
   bool correct = false;
 };
 
-// "gloo", "ring", "ps".
+// "native", "ring", "ps".
 const std::vector<std::string>& bench_algorithms();
 // Comma-separated list of algorithms; tandem::Error naming the unknown one.
 std::vector<std::string> parse_algos(const std::string& list);
@@ -64,12 +69,16 @@ void validate(const BenchOptions& o);
 std::vector<int64_t> bench_sizes(const BenchOptions& o);
 double busbw_factor(const std::string& algo, int world_size);
 
-// Collective: every rank calls it with the same options; every rank gets the
-// same rows (sizes outer, algorithms inner).
-std::vector<BenchRow> bench_comm(comm::Communicator& comm, const BenchOptions& o);
+// Collective: every rank calls it with the same options and communicators
+// (same order); every rank gets the same rows (sizes outer, then
+// communicators, then algorithms).
+std::vector<BenchRow> bench_comm(const std::vector<comm::Communicator*>& comms, const BenchOptions& o);
+inline std::vector<BenchRow> bench_comm(comm::Communicator& comm, const BenchOptions& o) {
+  return bench_comm(std::vector<comm::Communicator*>{&comm}, o);
+}
 
-// The table rank 0 prints: one block per algorithm, then ring/gloo busbw
-// ratios per size when both ran.
+// The table rank 0 prints: one block per algorithm and communicator, then
+// busbw ratios per size against gloo's all-reduce when it ran.
 std::string format_table(const std::vector<BenchRow>& rows, int world_size, const BenchOptions& o);
 // JSON document: {"world_size", "iters", "warmup", "rows": [...]}.
 std::string to_json(const std::vector<BenchRow>& rows, int world_size, const BenchOptions& o);

@@ -30,6 +30,7 @@ struct TrainOptions {
   double momentum = 0.9;
   std::string strategy = "ddp";  // ddp | ring | ps | none (compute only, no communication)
   double bucket_mb = 25.0;
+  std::string comm = "auto";  // auto | gloo | shm | hybrid: how ranks talk (see comm/rendezvous.h)
   std::string compress = "none";  // ddp/ring gradient compression: none or fp16
   int grad_accum = 1;
   uint64_t seed = 42;
