@@ -145,6 +145,9 @@ TEST_P(BackendTest, RecvAnyReportsSource) {
 TEST_P(BackendTest, MaxMinAndEveryFloatType) {
   tandem::comm::spawn(4, [&](int rank, CommunicatorPtr c) {
     for (auto type : {torch::kFloat32, torch::kFloat64, torch::kFloat16, torch::kBFloat16}) {
+      // Gloo in LibTorch 1.13 has no bfloat16 ("Invalid scalar type"); hybrid
+      // reduces across hosts with Gloo.
+      if (type == torch::kBFloat16 && GetParam() != "shm") continue;
       // Small integers: exact in every type, so the sum is exact.
       auto base = torch::arange(3001, torch::kFloat32).remainder(13);
       auto t = (base + rank).to(type);
@@ -157,8 +160,7 @@ TEST_P(BackendTest, MaxMinAndEveryFloatType) {
       c->all_reduce(mn, ReduceOp::kMin);
       ASSERT_TRUE(torch::equal(mn, base.to(type))) << c10::toString(type) << " min";
     }
-    // float16 sums accumulate in float32: 4 x 1000.5 is not representable
-    // step by step in half, but the rounded total is.
+    // Sums of non-integers in float16: bit-identical on every rank.
     auto h = torch::full({100}, 0.1, torch::kFloat16);
     c->all_reduce(h);
     expect_identical_across_ranks(c, h);

@@ -356,6 +356,7 @@ class ShmCommunicator : public Communicator {
       for (int r = 0; r < size_; ++r) {
         if ((only >= 0 && r != only) || reached(r)) continue;
         auto s = seg_.status(r);
+        if (reached(r)) continue;  // it published, then left: not a failure
         if (s == PeerStatus::kGone || s == PeerStatus::kClosed) fatal = true;
         if (s == PeerStatus::kGone || s == PeerStatus::kClosed || expired)
           late += (late.empty() ? "" : "; ") + std::string("rank ") + std::to_string(label(r)) + " (pid " +
@@ -686,21 +687,28 @@ class ShmCommunicator : public Communicator {
     return true;
   }
 
-  // Fails the operations that wait on a peer that is gone.
+  // Fails the operations that wait on a peer that is gone. A peer that
+  // exited cleanly (closed) fails only what it alone could complete; a
+  // receive from any rank fails when a peer was killed, or when every peer left.
   void check_p2p_peers() {
+    int left = 0;
+    bool killed = false;
+    std::string why_any;
     for (int r = 0; r < size_; ++r) {
       if (r == rank_) continue;
       auto s = seg_.status(r);
       if (s != PeerStatus::kGone && s != PeerStatus::kClosed) continue;
+      ++left;
+      killed |= s == PeerStatus::kGone;
+      pump_recv(r);  // whatever it wrote before it went is in the ring: take it first
       const std::string why = "rank " + std::to_string(label(r)) + " (pid " + std::to_string(seg_.state(r).pid.load()) +
                               ") " + shm::describe(s);
-      // A send to it can never drain; a receive from it completes only if the
-      // whole message is already in the ring (pump_recv took it before this).
+      if (why_any.empty() || s == PeerStatus::kGone) why_any = why;
       auto& q = sends_[r];
       for (auto& op : q) fail(op, why);
       q.clear();
       for (auto it = recvs_.begin(); it != recvs_.end();) {
-        if ((*it)->peer == r || (*it)->peer < 0) {
+        if ((*it)->peer == r) {
           fail(*it, why);
           it = recvs_.erase(it);
         } else {
@@ -710,6 +718,15 @@ class ShmCommunicator : public Communicator {
       if (incoming_[r].active && incoming_[r].target) {
         fail(incoming_[r].target, why);
         incoming_[r].target = nullptr;
+      }
+    }
+    if (!killed && left < size_ - 1) return;
+    for (auto it = recvs_.begin(); it != recvs_.end();) {
+      if ((*it)->peer < 0) {
+        fail(*it, why_any);
+        it = recvs_.erase(it);
+      } else {
+        ++it;
       }
     }
   }
