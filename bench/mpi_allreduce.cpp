@@ -3,10 +3,20 @@
 // iteration, median over iterations, maximum over ranks, busbw = algbw *
 // 2(n-1)/n), so tandem's communicators can be set beside the MPI library of
 // this machine (bench/comm_vs_mpi.sh). Only MPI, no LibTorch; optional target.
+// glibc malloc is tuned as in the `tandem` executable (device::tune_host_allocator:
+// freed memory stays in the process) unless TANDEM_MALLOC_TUNING=0 or a MALLOC_*
+// / GLIBC_TUNABLES variable is set: Open MPI's all-reduce mallocs a temporary
+// buffer of the message size per call, which from 32 MiB up glibc otherwise
+// maps and unmaps every time, and fresh pages fault slowly on a VM (seen: 64 MiB
+// went from 12 ms to 230 ms).
 //
 // Usage: mpirun -np N mpi_allreduce [--min-bytes 4K] [--max-bytes 64M]
 //                                   [--iters 20] [--warmup 5] [--json PATH]
 #include <mpi.h>
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <cctype>
@@ -122,6 +132,22 @@ std::vector<int64_t> bench_sizes(const Options& o) {
   return out;
 }
 
+// Same rule and thresholds as tandem's device::tune_host_allocator().
+std::string tune_host_allocator() {
+#if defined(__GLIBC__)
+  for (const char* v : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES"})
+    if (std::getenv(v)) return std::string("glibc malloc as configured by ") + v;
+  const char* off = std::getenv("TANDEM_MALLOC_TUNING");
+  if (off && std::string(off) == "0") return "glibc malloc defaults (TANDEM_MALLOC_TUNING=0)";
+  const int gib = 1 << 30;
+  if (mallopt(M_MMAP_THRESHOLD, gib) == 1 && mallopt(M_TRIM_THRESHOLD, gib) == 1)
+    return "glibc malloc keeps freed memory (mmap and trim thresholds 1 GiB)";
+  return "glibc malloc defaults (mallopt refused the thresholds)";
+#else
+  return "the C library's allocator, untouched";
+#endif
+}
+
 void all_reduce(std::vector<float>& buf) {
   MPI_Allreduce(MPI_IN_PLACE, buf.data(), static_cast<int>(buf.size()), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
 }
@@ -164,11 +190,12 @@ Row bench_size(int64_t bytes, const Options& o, int rank, int n) {
   return r;
 }
 
-void print_table(const std::vector<Row>& rows, int n, const Options& o, const char* library) {
+void print_table(const std::vector<Row>& rows, int n, const Options& o, const std::string& library,
+                 const std::string& allocator) {
   std::printf("# mpi_allreduce: %d ranks, float32 sum, %d iterations after %d warm-up; "
               "time = median iteration, max over ranks\n"
-              "# busbw = algbw * 2(n-1)/n; library: %s\n",
-              n, o.iters, o.warmup, library);
+              "# busbw = algbw * 2(n-1)/n; %s; %s\n",
+              n, o.iters, o.warmup, library.c_str(), allocator.c_str());
   std::printf("# %12s %12s %12s %12s %6s\n", "size(B)", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "check");
   for (const auto& r : rows)
     std::printf("  %12lld %12.1f %12.3f %12.3f %6s\n", static_cast<long long>(r.bytes), r.time_us, r.algbw_gbps,
@@ -177,7 +204,8 @@ void print_table(const std::vector<Row>& rows, int n, const Options& o, const ch
 }
 
 // Field names as tandem's bench JSON (collectives::to_json), algo "mpi".
-bool write_json(const std::string& path, const std::vector<Row>& rows, int n, const Options& o) {
+bool write_json(const std::string& path, const std::vector<Row>& rows, int n, const Options& o,
+                const std::string& allocator) {
   std::ofstream f(path);
   if (!f) return false;
   char num[64];
@@ -186,7 +214,7 @@ bool write_json(const std::string& path, const std::vector<Row>& rows, int n, co
     return std::string(num);
   };
   f << "{\n  \"world_size\": " << n << ",\n  \"iters\": " << o.iters << ",\n  \"warmup\": " << o.warmup
-    << ",\n  \"dtype\": \"float32\",\n  \"rows\": [";
+    << ",\n  \"dtype\": \"float32\",\n  \"allocator\": \"" << allocator << "\",\n  \"rows\": [";
   for (size_t i = 0; i < rows.size(); ++i) {
     const auto& r = rows[i];
     f << (i ? ",\n" : "\n") << "    {\"algo\": \"mpi\", \"bytes\": " << r.bytes << ", \"time_us\": " << fmt(r.time_us)
@@ -200,6 +228,7 @@ bool write_json(const std::string& path, const std::vector<Row>& rows, int n, co
 }  // namespace
 
 int main(int argc, char** argv) {
+  const std::string allocator = tune_host_allocator();  // before MPI allocates anything
   MPI_Init(&argc, &argv);
   int rank = 0, n = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -218,8 +247,8 @@ int main(int argc, char** argv) {
     MPI_Get_library_version(library, &len);
     std::string lib(library, static_cast<size_t>(len));
     lib = lib.substr(0, lib.find_first_of(",\n"));
-    print_table(rows, n, o, lib.c_str());
-    if (!o.json.empty() && !write_json(o.json, rows, n, o)) {
+    print_table(rows, n, o, lib, allocator);
+    if (!o.json.empty() && !write_json(o.json, rows, n, o, allocator)) {
       std::fprintf(stderr, "mpi_allreduce: cannot write %s\n", o.json.c_str());
       rc = 1;
     }
