@@ -4,7 +4,7 @@
 # (barrier before each iteration, median iteration, max over ranks).
 # Each repetition runs, one after the other (interleaved, so that a slow spell
 # of the machine hits both alike):
-#   <build>/tandem bench comm --nproc 2 --comm shm,gloo ... --json F
+#   <build>/tandem bench comm --nproc 2 --comm shm,gloo --algos native ... --json F
 #   mpirun -np 2 <build>/bench/mpi_allreduce ... --json F
 # then one markdown table: per size the median over repetitions of time_us for
 # shm, gloo and mpi, shm busbw / gloo busbw, and shm time / mpi time (below 1:
@@ -21,7 +21,8 @@
 #   --warmup W    untimed iterations per size, default 5
 #   --build DIR   build directory with tandem (default build)
 #   --out DIR     keep the JSON files (tandem.R.json, mpi.R.json) there
-# TANDEM_BENCH_ARGS adds flags to the tandem run (e.g. "--algos ...").
+# TANDEM_BENCH_ARGS adds flags to the tandem run (e.g. "--algos native,ring":
+# the table still takes only the shm and gloo all-reduce rows).
 # Open MPI MCA settings come from the environment as usual (OMPI_MCA_*).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -84,11 +85,14 @@ else
   out=$(mktemp -d)
   trap 'rm -rf "$out"' EXIT
 fi
+# Only each communicator's own all-reduce (rows shm, gloo), unless TANDEM_BENCH_ARGS chooses.
+algos=(--algos native)
+[[ " ${TANDEM_BENCH_ARGS:-} " == *" --algos "* ]] && algos=()
 sizes=(--min-bytes "$min_bytes" --max-bytes "$max_bytes" --iters "$iters" --warmup "$warmup")
 for r in $(seq 1 "$repeats"); do
   echo "comm_vs_mpi: repetition $r/$repeats: tandem (shm, gloo)" >&2
   # shellcheck disable=SC2086  # TANDEM_BENCH_ARGS is a list of flags
-  "$build/tandem" bench comm --nproc 2 --comm shm,gloo "${sizes[@]}" ${TANDEM_BENCH_ARGS:-} \
+  "$build/tandem" bench comm --nproc 2 --comm shm,gloo "${sizes[@]}" "${algos[@]}" ${TANDEM_BENCH_ARGS:-} \
     --json "$out/tandem.$r.json" >/dev/null
   echo "comm_vs_mpi: repetition $r/$repeats: mpi" >&2
   mpirun "${mpirun_args[@]}" "$mpi_bin" "${sizes[@]}" --json "$out/mpi.$r.json" >/dev/null
