@@ -10,6 +10,7 @@
 
 #include <iostream>
 
+#include "tandem/comm/bind_address.h"
 #include "tandem/comm/env.h"
 #include "tandem/comm/shm.h"
 #include "tandem/util/check.h"
@@ -142,8 +143,12 @@ CommunicatorPtr init_from_env(const RendezvousOptions& o) {
       throw CommError("rank " + std::to_string(w.rank) + ": cannot reach the store at " + w.master_addr + ":" +
                       std::to_string(w.master_port) + ": " + e.what());
     }
-    bool loopback = w.master_addr == "127.0.0.1" || w.master_addr == "localhost";
-    g.hostname = !bind.empty() ? bind : (loopback ? "127.0.0.1" : "");
+    // The local end of the route towards the master (or what
+    // TANDEM_BIND_ADDR / GLOO_SOCKET_IFNAME say), not what the host name
+    // resolves to: that is often loopback, which other hosts cannot reach.
+    BindChoice c = choose_bind_address(w.master_addr, bind);
+    g.hostname = c.address;
+    if (o.verbose) std::cerr << "tandem: rank " << w.rank << ": Gloo binds to " << c.address << ": " << c.reason << "\n";
   }
   if (!o.store_prefix.empty()) store = c10::make_intrusive<c10d::PrefixStore>(o.store_prefix, store);
   std::string kind = o.comm, why = "asked for";

@@ -21,8 +21,9 @@ constexpr const char* kSlurmTasksPerNode = "SLURM_NTASKS_PER_NODE";
 // tandem's own: a FileStore path for single-host jobs (set by `tandem launch`,
 // inside a private 0700 directory), so no port is opened beyond loopback.
 constexpr const char* kStorePath = "TANDEM_STORE_PATH";
-// Address Gloo binds to on this host (default 127.0.0.1 single-host, the
-// host's name otherwise).
+// Address Gloo binds to on this host (default: 127.0.0.1 for a single-host
+// or loopback job, else the local address of the route to MASTER_ADDR; see
+// comm/bind_address.h).
 constexpr const char* kBindAddr = "TANDEM_BIND_ADDR";
 // Which host a rank is on, for grouping ranks that share memory (default: the
 // host name). Tests give groups of ranks on one machine different ids.

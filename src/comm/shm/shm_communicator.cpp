@@ -21,6 +21,8 @@
 #include <thread>
 
 #include "kernels.h"
+#include "op_state.h"
+#include "p2p_engine.h"
 #include "segment.h"
 #include "tandem/comm/env.h"
 #include "tandem/comm/shm.h"
@@ -29,49 +31,11 @@
 namespace tandem::comm {
 namespace {
 
+using shm::OpState;
+using shm::OpStatePtr;
 using shm::PeerStatus;
 using shm::Segment;
 using SteadyClock = std::chrono::steady_clock;
-
-// Completion shared by the engine that runs an operation and its waiter.
-class OpState : public Request {
- public:
-  OpState(std::string what, std::int64_t spin_ns) : what_(std::move(what)), spin_ns_(spin_ns) {}
-  void complete(std::exception_ptr error = nullptr, int source = -1) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      error_ = std::move(error);
-      source_ = source;
-      done_.store(true, std::memory_order_release);
-    }
-    cv_.notify_all();
-  }
-  bool done() const { return done_.load(std::memory_order_acquire); }
-  void wait(Milliseconds timeout) override {
-    if (!done() && spin_ns_ > 0) {
-      auto until = SteadyClock::now() + std::chrono::nanoseconds(std::min<std::int64_t>(spin_ns_, 20000));
-      while (!done() && SteadyClock::now() < until) {
-      }
-    }
-    std::unique_lock<std::mutex> lock(mu_);
-    if (!cv_.wait_for(lock, timeout, [&] { return done(); }))
-      throw CommError(what_ + " did not complete within " + std::to_string(timeout.count()) +
-                      " ms (a peer rank stopped responding; raise --timeout if it is only slow)");
-    if (error_) std::rethrow_exception(error_);
-  }
-  int source_rank() const override { return source_; }
-  const std::string& what() const { return what_; }
-
- private:
-  std::string what_;
-  std::int64_t spin_ns_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::atomic<bool> done_{false};
-  std::exception_ptr error_;
-  int source_ = -1;
-};
-using OpStatePtr = std::shared_ptr<OpState>;
 
 enum class Kind { kAllReduce, kBroadcast, kReduce, kAllGather, kBarrier };
 
@@ -84,43 +48,16 @@ struct CollOp {
   OpStatePtr st;
 };
 
-struct P2POp {
-  bool send;
-  int peer;  // -1: any source
-  int tag;
-  std::uint8_t* data;
-  std::size_t bytes;
-  std::size_t done = 0;
-  bool header_sent = false;
-  at::Tensor keep;
-  OpStatePtr st;
-};
-
-// A message on a channel: a 16-byte header, then the payload padded to 16.
-struct MsgHeader {
-  std::int64_t tag;
-  std::uint64_t bytes;
-};
-constexpr std::size_t kAlign = 16;
-std::size_t padded(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
-struct Incoming {
-  bool active = false;
-  int tag = 0;
-  std::size_t bytes = 0, done = 0;
-  std::shared_ptr<P2POp> target;             // matched receive, or
-  std::shared_ptr<std::vector<std::uint8_t>> unexpected;  // held until a receive is posted
-};
-
-struct Unexpected {
-  int src, tag;
-  std::shared_ptr<std::vector<std::uint8_t>> data;
-  bool complete;
-};
-
 std::int64_t default_spin(int ranks) {
   long cores = ::sysconf(_SC_NPROCESSORS_ONLN);
   return ranks <= cores ? 50'000 : 0;
+}
+
+std::vector<int> labels_for(const ShmOptions& o, int size) {
+  if (!o.rank_labels.empty()) return o.rank_labels;
+  std::vector<int> v(size);
+  for (int r = 0; r < size; ++r) v[r] = r;
+  return v;
 }
 
 std::string job_id_for(const ShmOptions& o) {
@@ -133,14 +70,10 @@ class ShmCommunicator : public Communicator {
  public:
   ShmCommunicator(c10::intrusive_ptr<c10d::Store> store, int rank, int size, const ShmOptions& o)
       : rank_(rank), size_(size), opts_(o), store_(store),
-        seg_(store, rank, shm::Geometry{size, o.chunk_bytes, o.channel_bytes}, job_id_for(o), o.timeout) {
+        seg_(store, rank, shm::Geometry{size, o.chunk_bytes, o.channel_bytes}, job_id_for(o), o.timeout),
+        spin_ns_(o.spin_ns >= 0 ? o.spin_ns : default_spin(size)), labels_(labels_for(o, size)),
+        p2p_(seg_, labels_, spin_ns_) {
     timeout_ = o.timeout;
-    spin_ns_ = o.spin_ns >= 0 ? o.spin_ns : default_spin(size);
-    labels_ = o.rank_labels;
-    if (labels_.empty())
-      for (int r = 0; r < size; ++r) labels_.push_back(r);
-    incoming_.resize(size);
-    sends_.resize(size);
   }
 
   ~ShmCommunicator() override {
@@ -149,14 +82,10 @@ class ShmCommunicator : public Communicator {
       stop_ = true;
     }
     qcv_.notify_all();
-    {
-      std::lock_guard<std::mutex> lock(pmu_);
-      stopping_.store(true);
-    }
-    pcv_.notify_all();
-    seg_.ring(rank_);
+    stopping_.store(true);
+    seg_.ring(rank_);  // a collective asleep on the doorbell sees stopping_ and gives up
     if (coll_thread_.joinable()) coll_thread_.join();
-    if (p2p_thread_.joinable()) p2p_thread_.join();
+    // p2p_ (declared last) stops its thread first, then seg_ closes this rank.
   }
 
   int rank() const override { return rank_; }
@@ -199,17 +128,17 @@ class ShmCommunicator : public Communicator {
   RequestPtr send_async(at::Tensor& t, int dst, int tag) override {
     check_p2p(t, "send");
     TANDEM_CHECK(dst >= 0 && dst < size_ && dst != rank_, "send: bad destination rank ", dst);
-    return post_p2p(true, dst, tag, t, "send to rank " + std::to_string(label(dst)));
+    return p2p_.post(true, dst, tag, t, self() + ": shared-memory send to rank " + std::to_string(label(dst)));
   }
   RequestPtr recv_async(at::Tensor& t, int src, int tag) override {
     check_p2p(t, "recv");
     TANDEM_CHECK(src >= 0 && src < size_ && src != rank_, "recv: bad source rank ", src);
-    return post_p2p(false, src, tag, t, "recv from rank " + std::to_string(label(src)));
+    return p2p_.post(false, src, tag, t, self() + ": shared-memory recv from rank " + std::to_string(label(src)));
   }
   RequestPtr recv_any_async(at::Tensor& t, int tag) override {
     check_p2p(t, "recv");
     TANDEM_CHECK(size_ > 1, "recv in a world of size 1");
-    return post_p2p(false, -1, tag, t, "recv from any rank");
+    return p2p_.post(false, -1, tag, t, self() + ": shared-memory recv from any rank");
   }
 
  private:
@@ -467,275 +396,11 @@ class ShmCommunicator : public Communicator {
     publish(3 * k + 3);
   }
 
-  // ---- point-to-point: a progress engine on its own thread -------------
-  RequestPtr post_p2p(bool send, int peer, int tag, at::Tensor& t, std::string what) {
-    auto op = std::make_shared<P2POp>();
-    op->send = send;
-    op->peer = peer;
-    op->tag = tag;
-    op->data = static_cast<std::uint8_t*>(t.data_ptr());
-    op->bytes = t.numel() * t.element_size();
-    op->keep = t;
-    op->st = std::make_shared<OpState>(self() + ": shared-memory " + what, spin_ns_);
-    auto st = op->st;
-    {
-      std::lock_guard<std::mutex> lock(pmu_);
-      if (!p2p_thread_.joinable()) p2p_thread_ = std::thread([this] { p2p_loop(); });
-      submitted_.push_back(std::move(op));
-      posted_count_.fetch_add(1, std::memory_order_release);
-    }
-    pcv_.notify_one();
-    seg_.ring(rank_);
-    return st;
-  }
-
-  void fail(const std::shared_ptr<P2POp>& op, const std::string& why) {
-    op->st->complete(std::make_exception_ptr(CommError(op->st->what() + " failed: " + why)));
-  }
-
-  // Writes as much of the head send to `dst` as the ring has room for.
-  bool pump_send(int dst) {
-    auto& q = sends_[dst];
-    bool progress = false;
-    while (!q.empty()) {
-      auto& op = q.front();
-      auto& ch = seg_.channel(rank_, dst);
-      std::uint8_t* ring = seg_.channel_data(rank_, dst);
-      const std::size_t cap = opts_.channel_bytes;
-      std::uint64_t head = ch.head.load(std::memory_order_relaxed);
-      std::uint64_t tail = ch.tail.load(std::memory_order_acquire);
-      std::size_t room = cap - static_cast<std::size_t>(head - tail);
-      if (!op->header_sent) {
-        if (room < sizeof(MsgHeader)) break;
-        MsgHeader h{op->tag, op->bytes};
-        std::memcpy(ring + head % cap, &h, sizeof h);
-        head += sizeof h;
-        room -= sizeof h;
-        op->header_sent = true;
-        progress = true;
-      }
-      const std::size_t total = padded(op->bytes);
-      while (op->done < total && room > 0) {
-        const std::size_t pos = head % cap;
-        const std::size_t n = std::min({room, cap - pos, total - op->done});
-        const std::size_t real = op->done < op->bytes ? std::min(n, op->bytes - op->done) : 0;
-        if (real) std::memcpy(ring + pos, op->data + op->done, real);
-        head += n;
-        room -= n;
-        op->done += n;
-        progress = true;
-      }
-      ch.head.store(head, std::memory_order_release);
-      if (progress) seg_.ring(dst);
-      if (op->done < total) break;
-      op->st->complete();
-      q.pop_front();
-    }
-    return progress;
-  }
-
-  std::shared_ptr<P2POp> match_posted(int src, int tag) {
-    for (auto it = recvs_.begin(); it != recvs_.end(); ++it) {
-      if ((*it)->tag == tag && ((*it)->peer == src || (*it)->peer < 0)) {
-        auto op = *it;
-        recvs_.erase(it);
-        return op;
-      }
-    }
-    return nullptr;
-  }
-
-  // A posted receive takes the oldest complete held message that matches.
-  bool match_unexpected(const std::shared_ptr<P2POp>& op) {
-    for (auto it = unexpected_.begin(); it != unexpected_.end(); ++it) {
-      if (!it->complete || it->tag != op->tag || (op->peer >= 0 && it->src != op->peer)) continue;
-      if (it->data->size() != op->bytes) {
-        fail(op, "size mismatch: rank " + std::to_string(label(it->src)) + " sent " +
-                     std::to_string(it->data->size()) + " bytes, the receive holds " + std::to_string(op->bytes));
-      } else {
-        if (op->bytes) std::memcpy(op->data, it->data->data(), op->bytes);
-        op->st->complete(nullptr, it->src);
-      }
-      unexpected_.erase(it);
-      return true;
-    }
-    return false;
-  }
-
-  bool pump_recv(int src) {
-    auto& ch = seg_.channel(src, rank_);
-    const std::uint8_t* ring = seg_.channel_data(src, rank_);
-    const std::size_t cap = opts_.channel_bytes;
-    auto& in = incoming_[src];
-    bool progress = false;
-    std::uint64_t tail = ch.tail.load(std::memory_order_relaxed);
-    std::uint64_t head = ch.head.load(std::memory_order_acquire);
-    for (;;) {
-      if (!in.active) {
-        if (head - tail < sizeof(MsgHeader)) break;
-        MsgHeader h;
-        std::memcpy(&h, ring + tail % cap, sizeof h);
-        tail += sizeof h;
-        in = Incoming{};
-        in.active = true;
-        in.tag = static_cast<int>(h.tag);
-        in.bytes = h.bytes;
-        in.target = match_posted(src, in.tag);
-        if (in.target && in.target->bytes != in.bytes) {
-          fail(in.target, "size mismatch: rank " + std::to_string(label(src)) + " sent " + std::to_string(in.bytes) +
-                              " bytes, the receive holds " + std::to_string(in.target->bytes));
-          in.target = nullptr;
-        }
-        if (!in.target) {
-          in.unexpected = std::make_shared<std::vector<std::uint8_t>>(in.bytes);
-          unexpected_.push_back({src, in.tag, in.unexpected, false});
-        }
-        progress = true;
-      }
-      const std::size_t total = padded(in.bytes);
-      while (in.done < total && head > tail) {
-        const std::size_t pos = tail % cap;
-        const std::size_t n = std::min({static_cast<std::size_t>(head - tail), cap - pos, total - in.done});
-        const std::size_t real = in.done < in.bytes ? std::min(n, in.bytes - in.done) : 0;
-        std::uint8_t* dst = in.target ? in.target->data : in.unexpected->data();
-        if (real) std::memcpy(dst + in.done, ring + pos, real);
-        tail += n;
-        in.done += n;
-        progress = true;
-      }
-      if (in.done < total) break;
-      in.active = false;
-      if (in.target) {
-        in.target->st->complete(nullptr, src);
-      } else {
-        for (auto& u : unexpected_)
-          if (u.data == in.unexpected) u.complete = true;
-        // A receive posted while this message was arriving takes it now.
-        for (auto it = recvs_.begin(); it != recvs_.end(); ++it)
-          if (match_unexpected(*it)) {
-            recvs_.erase(it);
-            break;
-          }
-      }
-    }
-    if (progress) {
-      ch.tail.store(tail, std::memory_order_release);
-      seg_.ring(src);
-    }
-    return progress;
-  }
-
-  // Changes whenever something the engine waits on may have moved.
-  std::uint64_t p2p_signature() const {
-    std::uint64_t s = posted_count_.load(std::memory_order_acquire);
-    for (int r = 0; r < size_; ++r) {
-      if (r == rank_) continue;
-      s += seg_.channel(r, rank_).head.load(std::memory_order_acquire) * 3;
-      s += seg_.channel(rank_, r).tail.load(std::memory_order_acquire) * 7;
-    }
-    return s;
-  }
-
-  void p2p_loop() {
-    for (;;) {
-      const std::uint64_t sig = p2p_signature();
-      std::deque<std::shared_ptr<P2POp>> fresh;
-      {
-        std::lock_guard<std::mutex> lock(pmu_);
-        fresh.swap(submitted_);
-      }
-      for (auto& op : fresh) {
-        if (op->send) {
-          sends_[op->peer].push_back(op);
-        } else if (!match_unexpected(op)) {
-          recvs_.push_back(op);
-        }
-      }
-      bool progress = !fresh.empty();
-      for (int r = 0; r < size_; ++r) {
-        if (r == rank_) continue;
-        progress |= pump_send(r);
-        progress |= pump_recv(r);
-      }
-      if (stopping_.load()) break;
-      if (progress) continue;
-      if (idle()) {
-        // Nothing posted: sleep until the owner posts (a sender that fills
-        // the ring waits until a receive is posted here).
-        std::unique_lock<std::mutex> lock(pmu_);
-        pcv_.wait(lock, [&] { return stopping_.load() || !submitted_.empty(); });
-        continue;
-      }
-      try {
-        seg_.wait([&] { return stopping_.load() || p2p_signature() != sig; }, [&] { check_p2p_peers(); },
-                  spin_ns_);
-      } catch (const CommError&) {
-      }
-    }
-    auto gone = [&](const std::shared_ptr<P2POp>& op) { fail(op, "communicator destroyed"); };
-    for (auto& q : sends_)
-      for (auto& op : q) gone(op);
-    for (auto& op : recvs_) gone(op);
-    std::lock_guard<std::mutex> lock(pmu_);
-    for (auto& op : submitted_) gone(op);
-  }
-
-  bool idle() const {
-    if (!recvs_.empty()) return false;
-    for (int r = 0; r < size_; ++r)
-      if (!sends_[r].empty() || incoming_[r].active) return false;
-    return true;
-  }
-
-  // Fails the operations that wait on a peer that is gone. A peer that
-  // exited cleanly (closed) fails only what it alone could complete; a
-  // receive from any rank fails when a peer was killed, or when every peer left.
-  void check_p2p_peers() {
-    int left = 0;
-    bool killed = false;
-    std::string why_any;
-    for (int r = 0; r < size_; ++r) {
-      if (r == rank_) continue;
-      auto s = seg_.status(r);
-      if (s != PeerStatus::kGone && s != PeerStatus::kClosed) continue;
-      ++left;
-      killed |= s == PeerStatus::kGone;
-      pump_recv(r);  // whatever it wrote before it went is in the ring: take it first
-      const std::string why = "rank " + std::to_string(label(r)) + " (pid " + std::to_string(seg_.state(r).pid.load()) +
-                              ") " + shm::describe(s);
-      if (why_any.empty() || s == PeerStatus::kGone) why_any = why;
-      auto& q = sends_[r];
-      for (auto& op : q) fail(op, why);
-      q.clear();
-      for (auto it = recvs_.begin(); it != recvs_.end();) {
-        if ((*it)->peer == r) {
-          fail(*it, why);
-          it = recvs_.erase(it);
-        } else {
-          ++it;
-        }
-      }
-      if (incoming_[r].active && incoming_[r].target) {
-        fail(incoming_[r].target, why);
-        incoming_[r].target = nullptr;
-      }
-    }
-    if (!killed && left < size_ - 1) return;
-    for (auto it = recvs_.begin(); it != recvs_.end();) {
-      if ((*it)->peer < 0) {
-        fail(*it, why_any);
-        it = recvs_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-  }
-
   int rank_, size_;
   ShmOptions opts_;
   c10::intrusive_ptr<c10d::Store> store_;  // kept: a FileStore's file lives while any rank holds it
   Segment seg_;
-  std::int64_t spin_ns_ = 0;
+  std::int64_t spin_ns_;
   std::vector<int> labels_;
   std::atomic<bool> stopping_{false};
 
@@ -749,16 +414,7 @@ class ShmCommunicator : public Communicator {
   std::uint64_t coll_count_ = 0;
   std::string broken_;
 
-  // Point-to-point: submitted_ under pmu_; the rest belongs to the engine.
-  std::mutex pmu_;
-  std::condition_variable pcv_;
-  std::deque<std::shared_ptr<P2POp>> submitted_;
-  std::atomic<std::uint64_t> posted_count_{0};
-  std::thread p2p_thread_;
-  std::vector<std::deque<std::shared_ptr<P2POp>>> sends_;
-  std::list<std::shared_ptr<P2POp>> recvs_;
-  std::vector<Incoming> incoming_;
-  std::list<Unexpected> unexpected_;
+  shm::P2PEngine p2p_;
 };
 
 }  // namespace
