@@ -31,5 +31,9 @@ constexpr const char* kHostId = "TANDEM_HOST_ID";
 // Set by `tandem launch`: part of the job's shared-memory segment names, so
 // that the launcher can remove what a killed job left.
 constexpr const char* kJobId = "TANDEM_JOB_ID";
+// Shared-memory tuning: the collective chunk and the size below which every
+// rank reduces a whole chunk (bytes; see comm/shm.h ShmOptions).
+constexpr const char* kShmChunk = "TANDEM_SHM_CHUNK";
+constexpr const char* kShmSmall = "TANDEM_SHM_SMALL";
 constexpr const char* kGlooSocketIfname = "GLOO_SOCKET_IFNAME";  // PyTorch's: bind Gloo to this interface's IPv4 address
 }  // namespace tandem::env
