@@ -163,6 +163,7 @@ CommunicatorPtr init_from_env(const RendezvousOptions& o) {
   // Tuning knobs for measurements (docs/benchmarks.md); the defaults are measured.
   if (auto v = env_int(env::kShmChunk)) so.chunk_bytes = static_cast<std::size_t>(*v);
   if (auto v = env_int(env::kShmSmall)) so.small_bytes = static_cast<std::size_t>(*v);
+  if (auto v = env_int(env::kShmSpinNs)) so.spin_ns = *v;
   if (kind == "shm")
     return make_shm(c10::make_intrusive<c10d::PrefixStore>("tandem/shm/", store), w.rank, w.world_size, so);
   if (kind == "hybrid") return make_hybrid(store, w.rank, w.world_size, hosts, g, so);

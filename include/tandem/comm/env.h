@@ -35,5 +35,7 @@ constexpr const char* kJobId = "TANDEM_JOB_ID";
 // rank reduces a whole chunk (bytes; see comm/shm.h ShmOptions).
 constexpr const char* kShmChunk = "TANDEM_SHM_CHUNK";
 constexpr const char* kShmSmall = "TANDEM_SHM_SMALL";
+// How long a waiting rank spins before it sleeps (ns; default in ShmOptions).
+constexpr const char* kShmSpinNs = "TANDEM_SHM_SPIN_NS";
 constexpr const char* kGlooSocketIfname = "GLOO_SOCKET_IFNAME";  // PyTorch's: bind Gloo to this interface's IPv4 address
 }  // namespace tandem::env

@@ -34,7 +34,7 @@ struct ShmOptions {
   // Below this many bytes per chunk every rank reduces the whole chunk (one
   // synchronisation); above it, reduce-scatter + all-gather (two).
   std::size_t small_bytes = std::size_t{1} << 14;
-  // How long a waiting rank spins before it sleeps on a futex; -1: 50 us when
+  // How long a waiting rank spins before it sleeps on a futex; -1: 1 ms when
   // the host has a core for every local rank, else none (spinning would take
   // the core from the rank being waited for).
   std::int64_t spin_ns = -1;
