@@ -71,6 +71,38 @@ void expect_schema(const nlohmann::json& j, bool ps) {
   EXPECT_FALSE(j["all_losses"].empty());
 }
 
+// A port nobody listens on now (the kernel picks it; closed again at once).
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  socklen_t len = sizeof a;
+  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  EXPECT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// Two `tandem launch` "nodes" on loopback meeting through the TCPStore, each
+// running `nproc` ranks of `args`; `prefix` + node rank goes before the
+// executable (e.g. "env TANDEM_HOST_ID=node"). Both must exit 0.
+void run_two_nodes(int nproc, const std::string& prefix, const std::string& args) {
+  const std::string port = std::to_string(free_port());
+  auto node = [&](int r) {
+    return "launch --nnodes 2 --node-rank " + std::to_string(r) + " --master-addr 127.0.0.1 --master-port " + port +
+           " --nproc-per-node " + std::to_string(nproc) + " -- " + (prefix.empty() ? "" : prefix + std::to_string(r) + " ") +
+           std::string(TANDEM_EXE) + " " + args;
+  };
+  ::Run second{};
+  std::thread t([&] { second = run(node(1)); });
+  ::Run first = run(node(0));
+  t.join();
+  ASSERT_EQ(first.code, 0) << first.output;
+  ASSERT_EQ(second.code, 0) << second.output;
+}
+
 }  // namespace
 
 TEST(Train, TwoRanksOnASubsetWriteTheResultsJson) {
@@ -123,36 +155,11 @@ TEST(Train, CompareRunsThreeMethodsAndReports) {
   fs::remove_all(d);
 }
 
-// A port nobody listens on now (the kernel picks it; closed again at once).
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  socklen_t len = sizeof a;
-  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-  EXPECT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
 // The multi-host path (TCPStore on --master-addr/--master-port), with two
 // "nodes" of one rank each started as separate `tandem launch` processes.
 TEST(Train, TwoNodesMeetThroughTheTcpStore) {
   auto d = temp_dir("nodes");
-  const std::string port = std::to_string(free_port());
-  auto node = [&](int r) {
-    return "launch --nnodes 2 --node-rank " + std::to_string(r) + " --master-addr 127.0.0.1 --master-port " + port +
-           " --nproc-per-node 1 -- " + std::string(TANDEM_EXE) + " train --limit 640 --val-limit 200 --epochs 1 " +
-           "--quiet --output " + (d / "nodes.json").string();
-  };
-  ::Run second{};
-  std::thread t([&] { second = run(node(1)); });
-  ::Run first = run(node(0));
-  t.join();
-  ASSERT_EQ(first.code, 0) << first.output;
-  ASSERT_EQ(second.code, 0) << second.output;
+  run_two_nodes(1, "", "train --limit 640 --val-limit 200 --epochs 1 --quiet --output " + (d / "nodes.json").string());
   auto j = read_json(d / "nodes.json");
   expect_schema(j, false);
   EXPECT_EQ(j["world_size"], 2);
@@ -183,18 +190,8 @@ TEST(Train, CommunicatorsReachTheSameAccuracy) {
 
   auto r4 = run("train --nproc 4 --comm gloo" + common + "--output " + (d / "gloo4.json").string());
   ASSERT_EQ(r4.code, 0) << r4.output;
-  const std::string port = std::to_string(free_port());
-  auto node = [&](int r) {
-    return "launch --nnodes 2 --node-rank " + std::to_string(r) + " --master-addr 127.0.0.1 --master-port " + port +
-           " --nproc-per-node 2 -- env TANDEM_HOST_ID=node" + std::to_string(r) + " " + std::string(TANDEM_EXE) +
-           " train" + common + "--output " + (d / "hybrid.json").string();
-  };
-  ::Run second{};
-  std::thread t([&] { second = run(node(1)); });
-  ::Run first = run(node(0));
-  t.join();
-  ASSERT_EQ(first.code, 0) << first.output;
-  ASSERT_EQ(second.code, 0) << second.output;
+  // TANDEM_HOST_ID makes the two launches two hosts.
+  run_two_nodes(2, "env TANDEM_HOST_ID=node", "train" + common + "--output " + (d / "hybrid.json").string());
   auto [g4, g4name] = acc(d / "gloo4.json");
   auto [h, hname] = acc(d / "hybrid.json");
   EXPECT_EQ(hname, "hybrid");

@@ -206,6 +206,12 @@ class ShmCommunicator : public Communicator {
       return;
     }
     ++coll_count_;
+    if (auto err = run_and_release(c)) std::rethrow_exception(err);
+  }
+
+  // Runs `c` (the caller set busy_), then frees the engine for the next one;
+  // returns what it threw.
+  std::exception_ptr run_and_release(CollOp& c) {
     std::exception_ptr err;
     try {
       execute(c);
@@ -217,7 +223,7 @@ class ShmCommunicator : public Communicator {
       busy_ = false;
     }
     qcv_.notify_all();
-    if (err) std::rethrow_exception(err);
+    return err;
   }
 
   void coll_loop() {
@@ -231,17 +237,7 @@ class ShmCommunicator : public Communicator {
         queue_.pop_front();
         busy_ = true;
       }
-      std::exception_ptr err;
-      try {
-        execute(c);
-      } catch (...) {
-        err = std::current_exception();
-      }
-      {
-        std::lock_guard<std::mutex> lock(qmu_);
-        busy_ = false;
-      }
-      c.st->complete(err);
+      c.st->complete(run_and_release(c));
     }
     std::lock_guard<std::mutex> lock(qmu_);
     for (auto& c : queue_) c.st->complete(std::make_exception_ptr(CommError(c.st->what() + ": communicator destroyed")));
