@@ -26,7 +26,11 @@ class FutureRequest : public Request {
     if (f_.wait_for(timeout) != std::future_status::ready)
       throw CommError(what_ + " did not complete within " + std::to_string(timeout.count()) +
                       " ms (a peer rank stopped responding; raise --timeout if it is only slow)");
-    f_.get();
+    try {
+      f_.get();
+    } catch (const std::future_error&) {
+      throw CommError(what_ + ": the communicator was destroyed before it ran");
+    }
   }
 
  private:
@@ -159,7 +163,9 @@ class HybridCommunicator : public Communicator {
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-        if (queue_.empty()) return;
+        // Stopping: what is still queued is dropped, not run (each may wait
+        // a whole timeout); its waiters get a broken promise -> CommError.
+        if (stop_) return;
         task = std::move(queue_.front());
         queue_.pop_front();
       }

@@ -46,7 +46,7 @@ __attribute__((always_inline)) inline void reduce_typed(void* out_v, const void*
       const T* __restrict ak = static_cast<const T*>(in_v[k]) + base;
       for (std::size_t i = 0; i < m; ++i) acc[i] = Op::apply(acc[i], static_cast<Acc>(ak[i]));
     }
-    T* __restrict o = out + base;
+    T* o = out + base;  // may be one of the inputs: no __restrict
     for (std::size_t i = 0; i < m; ++i) o[i] = static_cast<T>(acc[i]);
   }
 }

@@ -33,7 +33,9 @@ class OpState : public Request {
       }
     }
     std::unique_lock<std::mutex> lock(mu_);
-    if (!cv_.wait_for(lock, timeout, [&] { return done(); }))
+    // A second of margin: the engine's own deadline (same timeout, started
+    // when the operation ran) fires first, with the message naming the rank.
+    if (!cv_.wait_for(lock, timeout + std::chrono::seconds(1), [&] { return done(); }))
       throw CommError(what_ + " did not complete within " + std::to_string(timeout.count()) +
                       " ms (a peer rank stopped responding; raise --timeout if it is only slow)");
     if (error_) std::rethrow_exception(error_);

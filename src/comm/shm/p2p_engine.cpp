@@ -10,6 +10,7 @@ P2PEngine::P2PEngine(Segment& seg, std::vector<int> labels, std::int64_t spin_ns
       spin_ns_(spin_ns) {
   incoming_.resize(size_);
   sends_.resize(size_);
+  dead_.assign(size_, 0);
 }
 
 P2PEngine::~P2PEngine() {
@@ -209,7 +210,7 @@ void P2PEngine::loop() {
     for (int r = 0; r < size_; ++r) {
       if (r == rank_) continue;
       progress |= pump_send(r);
-      progress |= pump_recv(r);
+      if (!dead_[r]) progress |= pump_recv(r);
     }
     if (stopping_.load()) break;
     if (progress) continue;
@@ -254,7 +255,7 @@ void P2PEngine::check_peers() {
     if (s != PeerStatus::kGone && s != PeerStatus::kClosed) continue;
     ++left;
     killed |= s == PeerStatus::kGone;
-    pump_recv(r);  // whatever it wrote before it went is in the ring: take it first
+    if (!dead_[r]) pump_recv(r);  // whatever it wrote before it went is in the ring: take it first
     const std::string why = "rank " + std::to_string(labels_.at(r)) + " (pid " + std::to_string(seg_.state(r).pid.load()) +
                             ") " + describe(s);
     if (why_any.empty() || s == PeerStatus::kGone) why_any = why;
@@ -269,9 +270,11 @@ void P2PEngine::check_peers() {
         ++it;
       }
     }
-    if (incoming_[r].active && incoming_[r].target) {
-      fail(incoming_[r].target, why);
-      incoming_[r].target = nullptr;
+    if (incoming_[r].active) {
+      // Its message stops half-way: the rest of this channel means nothing.
+      if (incoming_[r].target) fail(incoming_[r].target, why);
+      incoming_[r] = Incoming{};
+      dead_[r] = 1;
     }
   }
   if (!killed && left < size_ - 1) return;

@@ -98,6 +98,7 @@ class P2PEngine {
   std::list<std::shared_ptr<P2POp>> recvs_;
   std::vector<Incoming> incoming_;
   std::list<Unexpected> unexpected_;
+  std::vector<char> dead_;  // 1: the peer left in the middle of a message to us
 };
 
 }  // namespace tandem::comm::shm

@@ -52,14 +52,21 @@ std::uint64_t self_pid_ns() {
   return ::stat("/proc/self/ns/pid", &st) == 0 ? static_cast<std::uint64_t>(st.st_ino) : 0;
 }
 
-// The state letter of /proc/<pid>/stat ('R', 'S', 'T', 'Z', ...), or 0 when
-// there is no such process.
+// The state letter of /proc/<pid>/stat ('R', 'S', 'T', 'Z', ...), 0 when
+// there is no such process, '?' when it cannot be told (then it counts as
+// alive: only the timeout decides).
 char proc_state(int pid) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!f || !std::getline(f, line)) return 0;
+  const std::string path = "/proc/" + std::to_string(pid) + "/stat";
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return errno == ENOENT || errno == ESRCH ? 0 : '?';
+  char buf[512];
+  ssize_t n = ::read(fd, buf, sizeof buf - 1);
+  int e = errno;
+  ::close(fd);
+  if (n <= 0) return n < 0 && e == ESRCH ? 0 : '?';
+  std::string line(buf, static_cast<std::size_t>(n));
   auto p = line.rfind(')');
-  if (p == std::string::npos || p + 2 >= line.size()) return 0;
+  if (p == std::string::npos || p + 2 >= line.size()) return '?';
   return line[p + 2];
 }
 
@@ -96,8 +103,11 @@ Segment::Segment(c10::intrusive_ptr<c10d::Store> store, int rank, const Geometry
     fd = ::shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
     TANDEM_CHECK(fd >= 0, "shared-memory communicator: cannot create ", name_, " in /dev/shm: ", std::strerror(errno),
                  " (is /dev/shm mounted and writable? use --comm gloo otherwise)");
-    if (::ftruncate(fd, static_cast<off_t>(bytes_)) != 0) {
-      int e = errno;
+    // posix_fallocate: on a tmpfs that is too small, ftruncate succeeds and
+    // the first write into the missing pages kills the rank with SIGBUS.
+    int e = ::ftruncate(fd, static_cast<off_t>(bytes_)) != 0 ? errno
+                                                                : ::posix_fallocate(fd, 0, static_cast<off_t>(bytes_));
+    if (e != 0) {
       ::close(fd);
       ::shm_unlink(name_.c_str());
       TANDEM_FAIL("shared-memory communicator: cannot size ", name_, " to ", bytes_, " bytes: ", std::strerror(e),
@@ -112,9 +122,11 @@ Segment::Segment(c10::intrusive_ptr<c10d::Store> store, int rank, const Geometry
                  std::strerror(errno), " (local rank 0 gone, or the ranks are not on one host: set TANDEM_HOST_ID "
                  "per host, or use --comm gloo)");
     struct stat st {};
-    TANDEM_CHECK(::fstat(fd, &st) == 0 && static_cast<std::size_t>(st.st_size) == bytes_,
-                 "shared-memory communicator: ", name_, " has ", st.st_size, " bytes, expected ", bytes_,
-                 " (ranks disagree on the segment geometry)");
+    if (::fstat(fd, &st) != 0 || static_cast<std::size_t>(st.st_size) != bytes_) {
+      ::close(fd);
+      TANDEM_FAIL("shared-memory communicator: ", name_, " has ", st.st_size, " bytes, expected ", bytes_,
+                  " (ranks disagree on the segment geometry)");
+    }
   }
   // MAP_POPULATE: fault every page in now, not in the middle of a collective.
   base_ = ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
@@ -125,56 +137,64 @@ Segment::Segment(c10::intrusive_ptr<c10d::Store> store, int rank, const Geometry
     if (rank == 0) ::shm_unlink(name_.c_str());
     TANDEM_FAIL("shared-memory communicator: cannot map ", name_, ": ", std::strerror(map_errno));
   }
-  auto* h = static_cast<Header*>(base_);
-  auto* p = static_cast<std::uint8_t*>(base_) + kHeaderBytes;
-  states_ = reinterpret_cast<RankState*>(p);
-  p += round_up(static_cast<std::size_t>(g.ranks) * sizeof(RankState), 4096);
-  slots_ = p;
-  p += static_cast<std::size_t>(g.ranks) * 2 * g.chunk_bytes;
-  channels_ = p;
-  if (rank == 0) {
-    // Fresh pages are zero: every counter starts at 0.
-    h->magic = kMagic;
-    h->version = kVersion;
-    h->ranks = static_cast<std::uint32_t>(g.ranks);
-    h->chunk_bytes = g.chunk_bytes;
-    h->channel_bytes = g.channel_bytes;
-    h->total_bytes = bytes_;
+  try {
+    auto* h = static_cast<Header*>(base_);
+    auto* p = static_cast<std::uint8_t*>(base_) + kHeaderBytes;
+    states_ = reinterpret_cast<RankState*>(p);
+    p += round_up(static_cast<std::size_t>(g.ranks) * sizeof(RankState), 4096);
+    slots_ = p;
+    p += static_cast<std::size_t>(g.ranks) * 2 * g.chunk_bytes;
+    channels_ = p;
+    if (rank == 0) {
+      // Fresh pages are zero: every counter starts at 0.
+      h->magic = kMagic;
+      h->version = kVersion;
+      h->ranks = static_cast<std::uint32_t>(g.ranks);
+      h->chunk_bytes = g.chunk_bytes;
+      h->channel_bytes = g.channel_bytes;
+      h->total_bytes = bytes_;
+    }
+    auto& me = states_[rank];
+    me.pid_ns = self_pid_ns();
+    me.pid.store(static_cast<std::int32_t>(::getpid()), std::memory_order_release);
+    if (rank == 0) {
+      // The header is complete before anyone can learn the name.
+      std::string n = name_;
+      store->set(kNameKey, std::vector<std::uint8_t>(n.begin(), n.end()));
+    } else {
+      TANDEM_CHECK(h->magic == kMagic && h->version == kVersion && h->ranks == static_cast<std::uint32_t>(g.ranks) &&
+                       h->chunk_bytes == g.chunk_bytes && h->channel_bytes == g.channel_bytes,
+                   "shared-memory communicator: ", name_, " was made for another geometry (", h->ranks,
+                   " ranks) than this rank's (", g.ranks, " ranks)");
+    }
+    // The last rank to map the object removes its name: from here on nothing of
+    // the job is left in /dev/shm, whatever happens to the ranks.
+    if (h->mapped.fetch_add(1) + 1 == static_cast<std::uint32_t>(g.ranks)) {
+      ::shm_unlink(name_.c_str());
+      unlinked_ = true;
+    }
+    ring_all();
+    // Construction ends when every rank has mapped the object, so that a rank
+    // leaving early (a first collective of zero bytes moves nothing) cannot
+    // take the name from one still opening it.
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    wait([&] { return h->mapped.load() >= static_cast<std::uint32_t>(g.ranks); },
+         [&] {
+           if (std::chrono::steady_clock::now() < deadline) return;
+           std::string missing;
+           for (int r = 0; r < g.ranks; ++r)
+             if (states_[r].pid.load() == 0) missing += " " + std::to_string(r);
+           throw CommError("shared-memory communicator: local ranks" + missing + " did not map " + name_ + " within " +
+                           std::to_string(timeout.count()) + " ms (are all local ranks started?)");
+         },
+         0);
+  } catch (...) {
+    // No destructor runs for a constructor that throws: leave nothing behind.
+    ::munmap(base_, bytes_);
+    base_ = nullptr;
+    if (!unlinked_) ::shm_unlink(name_.c_str());
+    throw;
   }
-  auto& me = states_[rank];
-  me.pid_ns = self_pid_ns();
-  me.pid.store(static_cast<std::int32_t>(::getpid()), std::memory_order_release);
-  if (rank == 0) {
-    // The header is complete before anyone can learn the name.
-    std::string n = name_;
-    store->set(kNameKey, std::vector<std::uint8_t>(n.begin(), n.end()));
-  } else {
-    TANDEM_CHECK(h->magic == kMagic && h->version == kVersion && h->ranks == static_cast<std::uint32_t>(g.ranks) &&
-                     h->chunk_bytes == g.chunk_bytes && h->channel_bytes == g.channel_bytes,
-                 "shared-memory communicator: ", name_, " was made for another geometry (", h->ranks,
-                 " ranks) than this rank's (", g.ranks, " ranks)");
-  }
-  // The last rank to map the object removes its name: from here on nothing of
-  // the job is left in /dev/shm, whatever happens to the ranks.
-  if (h->mapped.fetch_add(1) + 1 == static_cast<std::uint32_t>(g.ranks)) {
-    ::shm_unlink(name_.c_str());
-    unlinked_ = true;
-  }
-  ring_all();
-  // Construction ends when every rank has mapped the object, so that a rank
-  // leaving early (a first collective of zero bytes moves nothing) cannot
-  // take the name from one still opening it.
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  wait([&] { return h->mapped.load() >= static_cast<std::uint32_t>(g.ranks); },
-       [&] {
-         if (std::chrono::steady_clock::now() < deadline) return;
-         std::string missing;
-         for (int r = 0; r < g.ranks; ++r)
-           if (states_[r].pid.load() == 0) missing += " " + std::to_string(r);
-         throw CommError("shared-memory communicator: local ranks" + missing + " did not map " + name_ + " within " +
-                         std::to_string(timeout.count()) + " ms (are all local ranks started?)");
-       },
-       0);
 }
 
 Segment::~Segment() {
@@ -226,7 +246,9 @@ void Segment::wait(const std::function<bool()>& ready, const std::function<void(
     }
   }
   auto& me = states_[rank_];
-  auto last_check = std::chrono::steady_clock::time_point{};
+  // The first check comes after 5 ms asleep: a peer that is merely late
+  // costs no read of /proc.
+  auto last_check = std::chrono::steady_clock::now();
   const timespec nap{0, 2'000'000};  // 2 ms: bounds how late a dead peer is noticed
   for (;;) {
     auto now = std::chrono::steady_clock::now();
@@ -236,6 +258,7 @@ void Segment::wait(const std::function<bool()>& ready, const std::function<void(
     }
     std::uint32_t v = me.doorbell.load(std::memory_order_acquire);
     me.sleepers.fetch_add(1, std::memory_order_seq_cst);
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // the increment before the re-check (Dekker)
     if (ready()) {
       me.sleepers.fetch_sub(1, std::memory_order_relaxed);
       return;

@@ -55,6 +55,8 @@ std::int64_t default_spin(int ranks) {
   return ranks <= cores ? 1'000'000 : 0;
 }
 
+constexpr int kMaxRanks = 64;
+
 std::vector<int> labels_for(const ShmOptions& o, int size) {
   if (!o.rank_labels.empty()) return o.rank_labels;
   std::vector<int> v(size);
@@ -312,8 +314,7 @@ class ShmCommunicator : public Communicator {
     auto* data = static_cast<std::uint8_t*>(t.data_ptr());
     const auto type = t.scalar_type();
     const bool want = root < 0 || root == rank_;
-    const void* in[64];
-    TANDEM_CHECK(size_ <= 64, "shared-memory communicator: at most 64 local ranks, got ", size_);
+    const void* in[kMaxRanks];
     for (std::size_t off = 0; off < n; off += ce) {
       const std::size_t m = std::min(ce, n - off);
       const std::uint64_t k = seq_++;
@@ -331,7 +332,7 @@ class ShmCommunicator : public Communicator {
         continue;
       }
       // Reduce-scatter: my slice, from every slot, into my slot ...
-      const std::size_t per = ((m + size_ - 1) / size_ + 15) & ~std::size_t{15};  // 64-byte aligned slices
+      const std::size_t per = ((m + size_ - 1) / size_ + 15) & ~std::size_t{15};  // slices start on 16-element boundaries
       const std::size_t lo = std::min(m, per * rank_), hi = std::min(m, lo + per);
       if (hi > lo) {
         for (int r = 0; r < size_; ++r) in[r] = seg_.slot(r, b) + lo * es;
@@ -420,6 +421,8 @@ class ShmCommunicator : public Communicator {
 CommunicatorPtr make_shm(c10::intrusive_ptr<c10d::Store> store, int rank, int size, const ShmOptions& opts) {
   TANDEM_CHECK(size >= 1, "world size must be >= 1, got ", size);
   TANDEM_CHECK(rank >= 0 && rank < size, "rank ", rank, " is outside world size ", size);
+  TANDEM_CHECK(size <= kMaxRanks, "shared-memory communicator: at most ", kMaxRanks, " ranks on one host, got ", size,
+               " (use --comm gloo)");
   TANDEM_CHECK(opts.chunk_bytes >= 4096 && opts.chunk_bytes % 64 == 0,
                "shared-memory chunk must be a multiple of 64 bytes, at least 4096, got ", opts.chunk_bytes);
   TANDEM_CHECK(opts.channel_bytes >= 4096 && opts.channel_bytes % 64 == 0,
