@@ -337,7 +337,12 @@ RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
       while (auto batch = loader->next()) {
         auto s0 = Clock::now();
         const bool sync_now = (step + 1) % o.grad_accum == 0 || step + 1 == steps;
-        if (step % o.grad_accum == 0) optimizer.zero_grad();
+        // Gradients set to none rather than zeroed (PyTorch 2.x's default,
+        // zero_grad(set_to_none=True)): backward hands each gradient over
+        // instead of adding it to zeros, and DDP's hook has nothing to add.
+        if (step % o.grad_accum == 0)
+          for (auto& group : optimizer.param_groups())
+            for (auto& p : group.params()) p.mutable_grad() = at::Tensor();
         if (gsync) gsync->begin_step(sync_now);
         auto s_xfer = Clock::now();
         auto [x, y] = on_model_device(*batch, plan.model);
