@@ -48,20 +48,20 @@ class HybridCommunicator : public Communicator {
                  " host names for ", size, " ranks");
     // Hosts in order of their first rank; a host's leader is its first rank.
     std::map<std::string, int> index;
+    std::vector<std::vector<int>> members;  // ranks of each host
     for (int r = 0; r < size; ++r) {
       auto it = index.find(host_of[r]);
       if (it == index.end()) {
-        it = index.emplace(host_of[r], static_cast<int>(leaders_of_host_.size())).first;
-        leaders_of_host_.push_back(r);
-        members_.emplace_back();
+        it = index.emplace(host_of[r], static_cast<int>(members.size())).first;
+        members.emplace_back();
       }
       host_index_.push_back(it->second);
-      local_index_.push_back(static_cast<int>(members_[it->second].size()));
-      members_[it->second].push_back(r);
+      local_index_.push_back(static_cast<int>(members[it->second].size()));
+      members[it->second].push_back(r);
     }
     my_host_ = host_index_[rank];
-    const auto& mine = members_[my_host_];
-    leader_ = leaders_of_host_[my_host_] == rank;
+    const auto& mine = members[my_host_];
+    const bool leader = mine.front() == rank;
 
     world_ = make_gloo(c10::make_intrusive<c10d::PrefixStore>("tandem/hybrid/world", store), rank, size, gloo);
     if (mine.size() > 1) {
@@ -74,8 +74,8 @@ class HybridCommunicator : public Communicator {
     } else {
       local_ = make_single();
     }
-    const int hosts = static_cast<int>(leaders_of_host_.size());
-    if (leader_ && hosts > 1)
+    const int hosts = static_cast<int>(members.size());
+    if (leader && hosts > 1)
       leaders_ = make_gloo(c10::make_intrusive<c10d::PrefixStore>("tandem/hybrid/leaders", store), my_host_, hosts,
                            gloo);
     thread_ = std::thread([this] { run(); });
@@ -93,7 +93,6 @@ class HybridCommunicator : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string backend() const override { return "hybrid"; }
-  int hosts() const { return static_cast<int>(leaders_of_host_.size()); }
 
   RequestPtr all_reduce_async(at::Tensor& t, ReduceOp op) override {
     return enqueue("all-reduce", [this, t, op]() mutable {
@@ -175,9 +174,7 @@ class HybridCommunicator : public Communicator {
 
   int rank_, size_;
   int my_host_ = 0;
-  bool leader_ = false;
-  std::vector<int> host_index_, local_index_, leaders_of_host_;
-  std::vector<std::vector<int>> members_;
+  std::vector<int> host_index_, local_index_;  // per rank: its host, its index within the host
   CommunicatorPtr world_, local_, leaders_;
   std::mutex mu_;
   std::condition_variable cv_;
