@@ -82,14 +82,6 @@ long futex(std::atomic<std::uint32_t>* addr, int op, std::uint32_t val, const ti
   return ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(addr), op, val, ts, nullptr, 0);
 }
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
 }  // namespace
 
 Segment::Segment(c10::intrusive_ptr<c10d::Store> store, int rank, const Geometry& g, const std::string& job_id,
@@ -234,17 +226,7 @@ void Segment::ring_all() const {
   }
 }
 
-void Segment::wait(const std::function<bool()>& ready, const std::function<void()>& check, std::int64_t spin_ns) const {
-  if (ready()) return;
-  const auto start = std::chrono::steady_clock::now();
-  if (spin_ns > 0) {
-    const auto until = start + std::chrono::nanoseconds(spin_ns);
-    for (unsigned i = 1;; ++i) {
-      cpu_relax();
-      if (ready()) return;
-      if ((i & 63) == 0 && std::chrono::steady_clock::now() >= until) break;
-    }
-  }
+void Segment::sleep_until(const std::function<bool()>& ready, const std::function<void()>& check) const {
   auto& me = states_[rank_];
   // The first check comes after 5 ms asleep: a peer that is merely late
   // costs no read of /proc.

@@ -73,16 +73,39 @@ class Segment {
   // Bumps rank r's doorbell and wakes its sleepers, if any.
   void ring(int r) const;
   void ring_all() const;
-  // Waits on this rank's doorbell until `ready()` holds. Every few ms (and
-  // before sleeping) `check()` runs: it throws to abort the wait. Spins for
-  // `spin_ns` before the first sleep.
-  void wait(const std::function<bool()>& ready, const std::function<void()>& check, std::int64_t spin_ns) const;
+  // Waits on this rank's doorbell until `ready()` holds. Every few ms asleep
+  // `check()` runs: it throws to abort the wait. Spins for `spin_ns` before
+  // the first sleep. A template so that the spin, the path of every short
+  // wait, allocates nothing; only a wait that goes to sleep wraps its
+  // callables in std::function.
+  template <class Ready, class Check>
+  void wait(const Ready& ready, const Check& check, std::int64_t spin_ns) const {
+    if (ready()) return;
+    if (spin_ns > 0) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns);
+      for (unsigned i = 1;; ++i) {
+        cpu_relax();
+        if (ready()) return;
+        if ((i & 63) == 0 && std::chrono::steady_clock::now() >= until) break;
+      }
+    }
+    sleep_until(ready, check);
+  }
 
   PeerStatus status(int r) const;
   // Marks this rank closed and wakes everyone (they may wait on it).
   void close();
 
  private:
+  static void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+  void sleep_until(const std::function<bool()>& ready, const std::function<void()>& check) const;
+
   int rank_;
   Geometry geo_;
   std::string name_;
