@@ -2,7 +2,7 @@
 # Installs the Debian packages tandem needs, if any is missing. Idempotent.
 set -euo pipefail
 pkgs=(build-essential cmake ccache libtorch-dev libgloo-dev libcli11-dev nlohmann-json3-dev
-      libgtest-dev libgmock-dev zlib1g-dev libturbojpeg0-dev libpng-dev gnuplot-nox
+      libgtest-dev libgmock-dev zlib1g-dev libxxhash-dev libturbojpeg0-dev libpng-dev gnuplot-nox
       dataset-fashion-mnist python3-torch libopenblas0-openmp)
 # libopenblas0-openmp: LibTorch's CPU matrix multiplies (every linear layer) go
 # to libblas.so.3, which is Debian's netlib reference BLAS until an optimized
