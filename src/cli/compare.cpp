@@ -74,6 +74,9 @@ void register_compare(CLI::App& app) {
   sub->footer("Example:\n  tandem compare --nproc 4 --epochs 3 --methods ddp,ring,ps --out results/");
   sub->callback([f, methods, out, no_report, seed_layout] {
     finalize_train_flags(*f);
+    TANDEM_CHECK(f->opts.checkpoint_dir.empty() && f->opts.resume.empty() && f->opts.save.empty(),
+                 "tandem compare trains several methods into one directory: --checkpoint-dir, --resume and --save "
+                 "belong to `tandem train` (compare saves each method's weights as model_<method>.pt in --out)");
     auto list = split_csv(*methods);
     TANDEM_CHECK(!list.empty(), "--methods is empty: give e.g. ddp,ring,ps");
     for (const auto& m : list) {
@@ -116,7 +119,7 @@ void register_compare(CLI::App& app) {
       args.push_back(std::to_string(ranks));
       args.push_back("--threads");
       args.push_back(std::to_string(threads));
-      int code = relaunch_local(ranks, args);
+      int code = relaunch_local(ranks, args, f->max_restarts);
       TANDEM_CHECK(code == 0, "tandem compare: method ", m, " failed (exit code ", code, "); see the messages above");
     }
     if (!*no_report) report::make_report(*out, report::ReportOptions{}, std::cout, std::cerr);

@@ -31,6 +31,10 @@ void register_launch(CLI::App& app) {
   sub->add_option("--grace,--grace-seconds,--grace_seconds", o->grace_seconds,
                   "Seconds between SIGTERM and SIGKILL when stopping the ranks")
       ->capture_default_str();
+  sub->add_option("--max-restarts,--max_restarts", o->max_restarts,
+                  "When a rank fails, stop the others and start the whole group again, up to N times (one node); "
+                  "the ranks get TANDEM_RESTART_COUNT / TORCHELASTIC_RESTART_COUNT")
+      ->capture_default_str();
   sub->add_option("--env", *env, "Extra KEY=VALUE for every rank (repeat the flag for more)")
       ->allow_extra_args(false);
   sub->add_option("command", o->command, "The command to run in every rank, with its arguments (after --)");

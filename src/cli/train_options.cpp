@@ -81,6 +81,29 @@ void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
   sub->add_option("--output,-o", o.output, "Results: a directory (gets results_<method>.json) or a .json file")
       ->capture_default_str();
   sub->add_option("--trace", o.trace_path, "Write a Chrome trace (open in https://ui.perfetto.dev)");
+  sub->add_option("--save", o.save,
+                  "Where the trained weights go, a PyTorch state_dict (torch.load reads it; --weights loads it "
+                  "back). Default: model.pt beside the results JSON, or model_<method>.pt in the results "
+                  "directory; none: not saved");
+  sub->add_option("--checkpoint-dir", o.checkpoint_dir,
+                  "Write checkpoints here (atomic, checksummed, in the background); every rank must see it");
+  sub->add_option("--checkpoint-every", o.checkpoint_every, "Steps between checkpoints (0: at the end of each epoch)")
+      ->capture_default_str();
+  sub->add_option("--keep-checkpoints", o.keep_checkpoints, "Newest checkpoints kept")->capture_default_str();
+  f.resume_opt = sub->add_option("--resume", o.resume,
+                                 "Continue from the newest good checkpoint in --checkpoint-dir, or from PATH (a "
+                                 "checkpoint, or a directory of them); --epochs may be raised")
+                     ->expected(0, 1);
+  sub->add_option("--max-restarts", f.max_restarts,
+                  "When a rank dies, restart the whole group up to N times; with --checkpoint-dir the ranks resume "
+                  "from the newest checkpoint")
+      ->capture_default_str();
+  sub->add_option("--stall-warn", f.stall_warn_s,
+                  "Seconds a collective may wait before rank 0 names the ranks that have not reached it (0: off)")
+      ->capture_default_str();
+  sub->add_flag("--check-collectives", f.check_collectives,
+                "Before each collective the ranks compare what they call (operation, type, size, root); a "
+                "mismatch is an error naming both ranks (also TANDEM_DEBUG=detail)");
   sub->add_flag("--quiet", o.quiet, "No progress bar or per-epoch lines");
   sub->add_option("--master-addr", f.master_addr, "Multi-host: address of rank 0's store (else MASTER_ADDR)");
   sub->add_option("--master-port", f.master_port, "Multi-host: port of rank 0's store (else MASTER_PORT)");
@@ -96,6 +119,9 @@ void finalize_train_flags(TrainFlags& f) {
     TANDEM_CHECK(end && *end == '\0' && v >= 1, "--buffer-size must be a number >= 1 or auto, got '", f.buffer_size, "'");
     f.opts.buffer_size = static_cast<int>(v);
   }
+  if (f.resume_opt && f.resume_opt->count() > 0 && f.opts.resume.empty()) f.opts.resume = "latest";
+  TANDEM_CHECK(f.max_restarts >= 0, "--max-restarts must be >= 0, got ", f.max_restarts);
+  TANDEM_CHECK(f.stall_warn_s >= 0, "--stall-warn must be >= 0 seconds, got ", f.stall_warn_s);
   if (f.data_gpu >= 0) f.opts.data_device = "cuda:" + std::to_string(f.data_gpu);
   if (f.model_gpu >= 0) f.opts.model_device = "cuda:" + std::to_string(f.model_gpu);
   if (f.data_gpu >= 0 && f.model_gpu >= 0) {
@@ -105,10 +131,14 @@ void finalize_train_flags(TrainFlags& f) {
   train::validate(f.opts);
 }
 
-train::RunResult run_as_rank(train::TrainOptions opts, const std::string& master_addr, int master_port) {
+train::RunResult run_as_rank(const TrainFlags& f) {
+  train::TrainOptions opts = f.opts;
   comm::RendezvousOptions ro;
-  ro.master_addr = master_addr;
-  ro.master_port = master_port;
+  ro.master_addr = f.master_addr;
+  ro.master_port = f.master_port;
+  ro.stall_warn_s = f.stall_warn_s;
+  const char* debug = std::getenv("TANDEM_DEBUG");
+  ro.check_collectives = f.check_collectives || (debug && std::string(debug) == "detail");
   ro.timeout = std::chrono::milliseconds(static_cast<int64_t>(opts.timeout_s * 1000));
   ro.comm = opts.comm;
   ro.verbose = !opts.quiet;
@@ -124,9 +154,10 @@ bool in_job() {
          std::getenv(env::kSlurmNTasks);
 }
 
-int relaunch_local(int nproc, const std::vector<std::string>& args) {
+int relaunch_local(int nproc, const std::vector<std::string>& args, int max_restarts) {
   launch::LaunchOptions lo;
   lo.nproc_per_node = nproc;
+  lo.max_restarts = max_restarts;
   lo.command.push_back(launch::self_executable());
   lo.command.insert(lo.command.end(), args.begin(), args.end());
   return launch::launch(lo, std::cerr);

@@ -13,6 +13,10 @@ struct TrainFlags {
   std::string master_addr;
   int master_port = 0;
   int data_gpu = -1, model_gpu = -1;
+  CLI::Option* resume_opt = nullptr;  // --resume with no value means "latest"
+  int max_restarts = 0;
+  double stall_warn_s = 60;
+  bool check_collectives = false;
 };
 
 // Adds every training flag to `sub`. `with_strategy`: compare picks methods itself.
@@ -23,11 +27,11 @@ void finalize_train_flags(TrainFlags& f);
 std::vector<std::string>& original_args();
 
 // Runs this process as one rank of a job (rendezvous from the environment).
-train::RunResult run_as_rank(train::TrainOptions opts, const std::string& master_addr, int master_port);
+train::RunResult run_as_rank(const TrainFlags& f);
 
 // Starts `nproc` local copies of this executable with `args` (torchrun-style)
 // and returns the launcher's exit code.
-int relaunch_local(int nproc, const std::vector<std::string>& args);
+int relaunch_local(int nproc, const std::vector<std::string>& args, int max_restarts = 0);
 // True when this process is already one rank of a job (tandem launch /
 // torchrun, mpirun or srun set its variables), so it must not relaunch itself.
 bool in_job();

@@ -1,4 +1,5 @@
 #include "tandem/comm/rendezvous.h"
+#include "tandem/comm/checked.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -164,10 +165,18 @@ CommunicatorPtr init_from_env(const RendezvousOptions& o) {
   if (auto v = env_int(env::kShmChunk)) so.chunk_bytes = static_cast<std::size_t>(*v);
   if (auto v = env_int(env::kShmSmall)) so.small_bytes = static_cast<std::size_t>(*v);
   if (auto v = env_int(env::kShmSpinNs)) so.spin_ns = *v;
+  CommunicatorPtr comm;
   if (kind == "shm")
-    return make_shm(c10::make_intrusive<c10d::PrefixStore>("tandem/shm/", store), w.rank, w.world_size, so);
-  if (kind == "hybrid") return make_hybrid(store, w.rank, w.world_size, hosts, g, so);
-  return make_gloo(store, w.rank, w.world_size, g);
+    comm = make_shm(c10::make_intrusive<c10d::PrefixStore>("tandem/shm/", store), w.rank, w.world_size, so);
+  else if (kind == "hybrid")
+    comm = make_hybrid(store, w.rank, w.world_size, hosts, g, so);
+  else
+    comm = make_gloo(store, w.rank, w.world_size, g);
+  if (o.stall_warn_s <= 0 && !o.check_collectives) return comm;
+  CheckOptions co;
+  co.fingerprints = o.check_collectives;
+  co.stall_warn_s = o.stall_warn_s;
+  return make_checked(comm, store, co);
 }
 
 }  // namespace tandem::comm

@@ -1,5 +1,6 @@
 #include "tandem/data/sampler.h"
 
+#include <algorithm>
 #include <numeric>
 #include <random>
 
@@ -17,16 +18,18 @@ DistributedSampler::DistributedSampler(int64_t dataset_size, int rank, int world
                " samples, fewer than the ", world_size, " ranks: use more data or fewer ranks");
 }
 
-int64_t DistributedSampler::shard_size() const {
+int64_t DistributedSampler::shard_size(int64_t start) const {
+  TANDEM_CHECK(start >= 0, "sampler: negative start position ", start);
+  const int64_t n = std::max<int64_t>(0, n_ - start);
   switch (remainder_) {
-    case Remainder::kPad: return (n_ + world_ - 1) / world_;
-    case Remainder::kDrop: return n_ / world_;
-    case Remainder::kNone: return n_ / world_ + (rank_ < n_ % world_ ? 1 : 0);
+    case Remainder::kPad: return (n + world_ - 1) / world_;
+    case Remainder::kDrop: return n / world_;
+    case Remainder::kNone: return n / world_ + (rank_ < n % world_ ? 1 : 0);
   }
   return 0;
 }
 
-std::vector<int64_t> DistributedSampler::indices() const {
+std::vector<int64_t> DistributedSampler::indices(int64_t start) const {
   std::vector<int64_t> perm(n_);
   std::iota(perm.begin(), perm.end(), 0);
   if (shuffle_ && n_ > 1) {
@@ -36,13 +39,14 @@ std::vector<int64_t> DistributedSampler::indices() const {
       std::swap(perm[i], perm[pick(gen)]);
     }
   }
-  int64_t total = remainder_ == Remainder::kNone ? n_ : shard_size() * world_;
+  const int64_t first = std::min(start, n_);  // Note [Resume position]
+  const int64_t total = first + (remainder_ == Remainder::kNone ? n_ - first : shard_size(start) * world_);
   if (remainder_ == Remainder::kPad && n_ > 0) {
     for (int64_t i = n_; i < total; ++i) perm.push_back(perm[(i - n_) % n_]);
   }
   std::vector<int64_t> out;
-  out.reserve(shard_size());
-  for (int64_t i = rank_; i < total; i += world_) out.push_back(perm[i]);
+  out.reserve(shard_size(start));
+  for (int64_t i = first + rank_; i < total; i += world_) out.push_back(perm[i]);
   return out;
 }
 

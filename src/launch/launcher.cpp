@@ -225,6 +225,11 @@ void validate(const LaunchOptions& o) {
   TANDEM_CHECK(!o.master_addr.empty(), "tandem launch: --master-addr must not be empty");
   TANDEM_CHECK(o.grace_seconds >= 0 && o.grace_seconds <= 3600,
                "tandem launch: the grace period must be in [0, 3600] seconds (got ", o.grace_seconds, ")");
+  TANDEM_CHECK(o.max_restarts >= 0, "tandem launch: --max-restarts must be >= 0 (got ", o.max_restarts, ")");
+  TANDEM_CHECK(o.max_restarts == 0 || o.nnodes == 1,
+               "tandem launch: --max-restarts restarts the ranks of one node; with --nnodes ", o.nnodes,
+               " the nodes would restart apart. Run a single node, or restart the whole job from outside "
+               "(e.g. srun --requeue) with --checkpoint-dir and --resume");
   TANDEM_CHECK(!o.command.empty() && !o.command[0].empty(),
                "nothing to launch: give the command after --, e.g. `tandem launch --nproc-per-node 2 -- ./train`");
   for (const auto& [k, v] : o.extra_env) {
@@ -257,8 +262,15 @@ class ShmSweep {
   std::string id_;
 };
 
-int launch(const LaunchOptions& o, std::ostream& log) {
-  validate(o);
+namespace {
+
+// How one attempt of the group ended.
+struct Attempt {
+  int exit_code = 0;
+  bool rank_failed = false;  // a rank failed on its own (not our signal, not a start error): restartable
+};
+
+Attempt run_group(const LaunchOptions& o, int attempt, std::ostream& log) {
   ShmSweep shm_sweep;
   const int nproc = o.nproc_per_node;
   const int world = o.nnodes * nproc;
@@ -280,6 +292,9 @@ int launch(const LaunchOptions& o, std::ostream& log) {
   base[env::kMasterPort] = std::to_string(o.master_port);
   if (dir) base[env::kStorePath] = dir->path() + "/store";
   base[env::kJobId] = shm_sweep.id();
+  base[env::kRestartCount] = std::to_string(attempt);
+  base[env::kTorchElasticRestartCount] = std::to_string(attempt);
+  base[env::kTorchElasticMaxRestarts] = std::to_string(o.max_restarts);
   // Per-rank values below take precedence over extra_env only for these two.
   for (const auto& [k, v] : o.extra_env) base[k] = v;
 
@@ -300,10 +315,10 @@ int launch(const LaunchOptions& o, std::ostream& log) {
     envps[l].push_back(nullptr);
   }
 
-  SignalScope signals;
   std::vector<Child> children(nproc);
   int running = 0;
   int exit_code = 0;
+  bool rank_failed = false;
   bool stopping = false, killed = false;
   Clock::time_point kill_at{}, give_up_at{};
   const auto grace = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.grace_seconds));
@@ -400,6 +415,7 @@ int launch(const LaunchOptions& o, std::ostream& log) {
       if (code != 0 && !stopping) {
         log << "tandem launch: rank " << c.rank << " (pid " << c.pid << ") " << what << std::endl;
         exit_code = code;
+        rank_failed = true;
         begin_stop(SIGTERM, "rank " + std::to_string(c.rank) + " failed");
       }
     }
@@ -407,6 +423,7 @@ int launch(const LaunchOptions& o, std::ostream& log) {
     if (!stopping && g_received != 0) {
       int sig = g_received;
       exit_code = 128 + sig;
+      rank_failed = false;
       begin_stop(sig, "received " + signal_name(sig));
     }
     if (stopping && !killed && Clock::now() >= kill_at) {
@@ -450,7 +467,34 @@ int launch(const LaunchOptions& o, std::ostream& log) {
   }
 
   if (!start_error.empty()) TANDEM_FAIL("tandem launch: ", start_error);
-  return exit_code;
+  // A signal that reached us while the group was stopping ends the job too.
+  return {exit_code, rank_failed && g_received == 0};
+}
+
+}  // namespace
+
+int launch(const LaunchOptions& o, std::ostream& log) {
+  validate(o);
+  SignalScope signals;
+  for (int attempt = 0;; ++attempt) {
+    const auto t0 = Clock::now();
+    Attempt a = run_group(o, attempt, log);
+    if (a.exit_code == 0) {
+      if (attempt > 0)
+        log << "tandem launch: the job succeeded after " << attempt << " restart" << (attempt == 1 ? "" : "s")
+            << std::endl;
+      return 0;
+    }
+    if (!a.rank_failed || attempt >= o.max_restarts) {
+      if (a.rank_failed && o.max_restarts > 0)
+        log << "tandem launch: giving up after " << attempt << " restart" << (attempt == 1 ? "" : "s")
+            << " (--max-restarts " << o.max_restarts << ")" << std::endl;
+      return a.exit_code;
+    }
+    log << "tandem launch: restarting the group on a fresh rendezvous (restart " << attempt + 1 << " of "
+        << o.max_restarts << ", the attempt ran " << fmt_seconds(std::chrono::duration<double>(Clock::now() - t0).count())
+        << ")" << std::endl;
+  }
 }
 
 }  // namespace tandem::launch

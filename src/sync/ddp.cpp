@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include "tandem/comm/checked.h"
 #include "tandem/util/check.h"
 #include "tandem/util/clock.h"
 
@@ -190,6 +191,8 @@ void BucketedSync::launch_bucket_locked(Bucket& b) {
   }
   b.launched = true;
   b.launched_at = Clock::now();
+  // Names the collective in stall reports and --check-collectives errors.
+  comm::OpLabel label("bucket " + std::to_string(&b - buckets_.data()) + " all-reduce");
   if (b.wire.defined()) {
     // Divide first: the float16 sum of the world's shares cannot overflow
     // where the fp32 gradients fit.

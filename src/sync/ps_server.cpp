@@ -38,6 +38,14 @@ void Server::serve_epoch(int64_t steps_per_worker) {
   flat_params_.scatter_params(flat_, mine_);
 }
 
+void Server::restore(const at::Tensor& momentum, int64_t updates) {
+  TANDEM_CHECK(!momentum.defined() || momentum.numel() == mine_.size(), "parameter server rank ", comm_->rank(),
+               ": the checkpoint's momentum has ", momentum.numel(), " elements for a shard of ", mine_.size());
+  has_momentum_ = momentum.defined();
+  if (has_momentum_) momentum_buf_ = momentum.to(flat_.scalar_type()).contiguous().clone();
+  updates_ = updates;
+}
+
 void Server::apply(const at::Tensor& grad) {
   torch::NoGradGuard g;
   if (opts_.momentum == 0) {

@@ -64,7 +64,49 @@ nlohmann::json to_json(const RunResult& r) {
            {"epochs", epochs},       {"summary", summary},         {"all_losses", r.all_losses},
            {"timeline", timeline}};
   if (ps) out["num_workers"] = r.num_workers;
+  out["restarts"] = r.restarts;
+  out["steps_redone"] = r.steps_redone;
   return out;
+}
+
+RunResult from_json(const nlohmann::json& j) {
+  RunResult r;
+  r.method = j.at("method").get<std::string>();
+  r.world_size = j.at("world_size").get<int>();
+  r.num_workers = j.value("num_workers", 0);
+  r.batch_size = j.at("batch_size").get<int>();
+  r.start_time = j.value("start_time", "");
+  r.end_time = j.value("end_time", "");
+  r.config = j.value("config", nlohmann::json::object());
+  r.restarts = j.value("restarts", 0);
+  r.steps_redone = j.value("steps_redone", int64_t{0});
+  for (const auto& e : j.at("epochs")) {
+    EpochResult x;
+    x.epoch = e.at("epoch").get<int>();
+    x.train_loss = e.at("train_loss").get<double>();
+    x.train_accuracy = e.at("train_accuracy").get<double>();
+    x.train_time = e.at("train_time").get<double>();
+    x.train_throughput = e.at("train_throughput").get<double>();
+    x.avg_batch_time = e.at("avg_batch_time").get<double>();
+    x.val_loss = e.at("val_loss").get<double>();
+    x.val_accuracy = e.at("val_accuracy").get<double>();
+    x.avg_comm_time = e.value("avg_comm_time", 0.0);
+    x.avg_comm_wait = e.value("avg_comm_wait", 0.0);
+    x.avg_comm_time_pull = e.value("avg_comm_time_pull", 0.0);
+    x.avg_comm_time_push = e.value("avg_comm_time_push", 0.0);
+    const auto& p = e.at("pipeline");
+    x.pipeline.stall_fraction = p.at("stall_fraction").get<double>();
+    x.pipeline.data_busy_pct = p.at("data_busy_pct").get<double>();
+    x.pipeline.model_busy_pct = p.at("model_busy_pct").get<double>();
+    x.pipeline.mean_buffer_fill = p.at("mean_buffer_fill").get<double>();
+    x.pipeline.bad_samples = p.at("bad_samples").get<int64_t>();
+    r.epochs.push_back(x);
+  }
+  r.all_losses = j.at("all_losses").get<std::vector<double>>();
+  for (const auto& p : j.at("timeline"))
+    r.timeline.push_back({p.at("t").get<double>(), p.at("buffer_fill").get<double>(), p.at("data_busy").get<double>(),
+                          p.at("model_busy").get<double>()});
+  return r;
 }
 
 }  // namespace tandem::train

@@ -2,142 +2,32 @@
 #include "tandem/train/trainer.h"
 
 #include <filesystem>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <thread>
 
 #include <torch/torch.h>
 
+#include "checkpointing.h"
+#include "observers.h"
+#include "step.h"
 #include "tandem/comm/rendezvous.h"
-#include "tandem/data/idx.h"
-#include "tandem/data/image_folder.h"
-#include "tandem/data/loader.h"
 #include "tandem/data/sampler.h"
 #include "tandem/device/device.h"
-#include "tandem/models/models.h"
 #include "tandem/models/weights.h"
-#include "tandem/obs/progress.h"
 #include "tandem/sync/ddp.h"
-#include "tandem/sync/ps.h"
-#include "tandem/sync/ring_sync.h"
 #include "tandem/train/pipeline_plan.h"
 #include "tandem/util/check.h"
 #include "tandem/util/clock.h"
 
 namespace tandem::train {
 namespace {
-
-struct Datasets {
-  data::DatasetPtr train, val;
-  std::shared_ptr<data::ImageFolderDataset> train_folder, val_folder;  // imagefolder only
-  std::vector<int64_t> sample_shape;
-  int64_t num_classes = 10;
-};
-
-Datasets load_datasets(const TrainOptions& o, bool log) {
-  Datasets d;
-  if (o.dataset == "fashion-mnist") {
-    if (o.cache && log)
-      std::fprintf(stderr, "[tandem] --cache: Fashion-MNIST is held in memory already; nothing more to cache\n");
-    const std::string dir = o.data_dir.empty() ? data::kFashionMnistDir : o.data_dir;
-    d.train = data::load_fashion_mnist(dir, true, o.limit);
-    d.val = data::load_fashion_mnist(dir, false, o.val_limit);
-  } else {
-    data::ImageFolderOptions io;
-    io.channels = o.channels > 0 ? o.channels : 3;
-    io.image_size = o.image_size > 0 ? o.image_size : 224;
-    io.skip_bad_samples = o.skip_bad_samples;
-    io.cache = o.cache;
-    io.cache_max_gb = o.cache_max_gb;
-    io.train = true;
-    auto train = std::make_shared<data::ImageFolderDataset>(o.data_dir, "train", io);
-    io.train = false;
-    auto val = std::make_shared<data::ImageFolderDataset>(o.data_dir, "val", io);
-    if (o.cache) {
-      // Every local rank reshuffles the whole data set each epoch, so each ends
-      // up holding all of it: the host needs local ranks x (train + val).
-      const double per_rank = train->cache_estimate_bytes() + val->cache_estimate_bytes();
-      const double host_gb = per_rank * std::max(1, o.local_world_size) / 1e9;
-      TANDEM_CHECK(host_gb <= o.cache_max_gb, "--cache: ", std::max(1, o.local_world_size),
-                   " local ranks x (train + val) need about ", host_gb, " GB of decoded images, more than "
-                   "--cache-max-gb ", o.cache_max_gb, "; raise --cache-max-gb (this machine must have the memory), "
-                   "use fewer local ranks, or drop --cache");
-      if (log)
-        std::fprintf(stderr,
-                     "[tandem] --cache: decoded images kept in memory, about %.1f MB train + %.1f MB val per rank\n",
-                     train->cache_estimate_bytes() / 1e6, val->cache_estimate_bytes() / 1e6);
-    }
-    d.train = d.train_folder = train;
-    d.val = d.val_folder = val;
-  }
-  d.sample_shape = d.train->sample_shape();
-  d.num_classes = o.num_classes > 0 ? o.num_classes : d.train->num_classes();
-  return d;
-}
-
-// Sums of one epoch's training or evaluation on this rank.
-struct Tally {
-  double loss_sum = 0, correct = 0, count = 0;
-};
-
-// Masked mean cross-entropy and correct count of one batch.
-std::pair<at::Tensor, double> loss_and_correct(const at::Tensor& logits, const data::Batch& b,
-                                               const at::Tensor& target) {
-  namespace F = torch::nn::functional;
-  if (!b.mask.defined()) {
-    auto loss = F::cross_entropy(logits, target);
-    double correct = logits.argmax(1).eq(target).sum().item<double>();
-    return {loss, correct};
-  }
-  auto mask = b.mask.to(logits.device());
-  auto per = F::cross_entropy(logits, target, F::CrossEntropyFuncOptions().reduction(torch::kNone));
-  auto n = mask.sum().clamp_min(1);
-  auto loss = (per * mask).sum() / n;
-  double correct = (logits.argmax(1).eq(target) & mask).sum().item<double>();
-  return {loss, correct};
-}
-
-// The batch's input and target on the model device, once the loader's upload
-// (if any) is visible to the current stream. Non-blocking only towards CUDA:
-// a device-to-host copy must have landed before the CPU reads it.
-std::pair<at::Tensor, at::Tensor> on_model_device(data::Batch& b, const c10::Device& model) {
-  data::make_ready(b, model);
-  const bool async_copy = model.is_cuda();
-  return {b.input.to(model, async_copy), b.target.to(model, async_copy)};
-}
-
-// Exact distributed evaluation: each rank takes a disjoint slice of the
-// validation set (no padding, no duplicates), loaded by `loader`'s workers
-// like the training data; the sums are all-reduced.
-Tally evaluate(const models::Model& m, data::Loader& loader, const std::vector<int64_t>& indices,
-               comm::Communicator& comm, const c10::Device& dev) {
-  torch::NoGradGuard guard;
-  m.module->eval();
-  Tally t;
-  loader.start_epoch(indices, 0);
-  while (auto b = loader.next()) {
-    auto [x, y] = on_model_device(*b, dev);
-    auto logits = m.forward(x);
-    t.loss_sum += torch::nn::functional::cross_entropy(
-                      logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
-                      .item<double>();
-    t.correct += logits.argmax(1).eq(y).sum().item<double>();
-    t.count += static_cast<double>(b->valid());
-  }
-  auto v = torch::tensor({t.loss_sum, t.correct, t.count}, torch::kFloat64);
-  comm.all_reduce(v);
-  m.module->train();
-  return {v[0].item<double>(), v[1].item<double>(), v[2].item<double>()};
-}
-
-std::string fmt(const char* f, double a, double b, double c, double d) {
-  char buf[160];
-  std::snprintf(buf, sizeof buf, f, a, b, c, d);
-  return buf;
-}
 
 void write_results(const RunResult& r, const std::string& output) {
   std::string path = output;
@@ -152,6 +42,19 @@ void write_results(const RunResult& r, const std::string& output) {
   f << to_json(r).dump(2) << "\n";
   TANDEM_CHECK(f.good(), "--output: write to ", path, " failed (disk full?)");
   std::fprintf(stderr, "[tandem] results written to %s\n", path.c_str());
+}
+
+// Where the trained weights go (Note: "" follows the results JSON).
+std::string weights_path(const TrainOptions& o, const std::string& method) {
+  if (o.save == "none") return "";
+  if (!o.save.empty()) return o.save;
+  if (o.output.empty()) return "";
+  const std::string& out = o.output;
+  if (out.size() >= 5 && out.substr(out.size() - 5) == ".json") {
+    auto dir = std::filesystem::path(out).parent_path();
+    return (dir / "model.pt").string();
+  }
+  return (std::filesystem::path(out) / ("model_" + method + ".pt")).string();
 }
 
 }  // namespace
@@ -190,6 +93,13 @@ void validate(const TrainOptions& o) {
   TANDEM_CHECK(o.buffer_size >= 0, "--buffer-size must be >= 1 or auto, got ", o.buffer_size);
   TANDEM_CHECK(o.model_start_delay >= 0, "--model-start-delay must be >= 0, got ", o.model_start_delay);
   TANDEM_CHECK(o.staleness >= 0, "--staleness must be >= 0, got ", o.staleness);
+  TANDEM_CHECK(o.checkpoint_every >= 0, "--checkpoint-every must be >= 0 steps (0: once per epoch), got ",
+               o.checkpoint_every);
+  TANDEM_CHECK(o.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1, got ", o.keep_checkpoints);
+  TANDEM_CHECK(o.checkpoint_dir.empty() || o.strategy != "none", "--checkpoint-dir: --strategy none trains ",
+               "unrelated models on each rank, which one checkpoint cannot hold; use ddp, ring or ps");
+  TANDEM_CHECK(o.resume != "latest" || !o.checkpoint_dir.empty(),
+               "--resume (latest) needs --checkpoint-dir D, the directory the checkpoints were written to");
   bool known = false;
   for (auto& n : models::model_names()) known |= n == o.model;
   if (!known) models::make_model({o.model});  // throws the message listing the names
@@ -199,297 +109,343 @@ int default_threads(int local_ranks) {
   return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, local_ranks));
 }
 
-RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) {
-  validate(o);
-  const int rank = comm->rank(), world = comm->size();
-  const bool ps = o.strategy == "ps";
-  sync::ps::PsOptions pso;
-  if (ps) {
-    pso.num_servers = o.ps_servers;
-    pso.mode = sync::ps::parse_mode(o.ps_mode);
-    pso.staleness = o.staleness;
-    // auto: collectives where they apply (sync), messages otherwise (async, ssp).
-    const std::string transport =
-        o.ps_transport == "auto" ? (pso.mode == sync::ps::Mode::kSync ? "collective" : "p2p") : o.ps_transport;
-    pso.transport = sync::ps::parse_transport(transport);
-    pso.lr = o.lr;
-    pso.momentum = o.momentum;
-    sync::ps::validate(pso, world);
+namespace {
+
+// Test-only fault injection, from TANDEM_TEST_FAULT (docs/errors.md):
+//   kill:R:S   rank R kills itself with SIGKILL right after global step S,
+//              on the launcher's first attempt only (restarts run clean);
+//   mismatch   rank 1 issues a collective of another size than the others
+//              once, before training (what --check-collectives must catch).
+struct TestFault {
+  int kill_rank = -1;
+  int64_t kill_step = -1;
+  bool mismatch = false;
+};
+
+TestFault test_fault() {
+  TestFault f;
+  const char* v = std::getenv("TANDEM_TEST_FAULT");
+  if (!v) return f;
+  const std::string s = v;
+  if (s == "mismatch") {
+    f.mismatch = true;
+  } else {
+    long long r = -1, st = -1;
+    TANDEM_CHECK(std::sscanf(s.c_str(), "kill:%lld:%lld", &r, &st) == 2,
+                 "TANDEM_TEST_FAULT='", s, "' is not kill:RANK:STEP or mismatch");
+    f.kill_rank = static_cast<int>(r);
+    f.kill_step = st;
   }
-  const bool server = ps && sync::ps::is_server(rank, pso);
-  const int trainers = ps ? sync::ps::num_workers(world, pso) : world;
-  const int trainer_index = ps ? (server ? -1 : sync::ps::worker_index(rank, pso)) : rank;
-  const int log_rank = ps ? pso.num_servers : 0;  // the first training rank shows progress
-  const bool logger = rank == log_rank && !o.quiet;
+  return f;
+}
 
-  const int threads = o.threads > 0 ? o.threads : default_threads(o.local_world_size);
-  torch::set_num_threads(threads);
+// The step loop of one rank: feeds batches to the Step, tells the observers,
+// takes checkpoints between segments, combines each epoch across ranks.
+class Trainer {
+ public:
+  Trainer(const TrainOptions& o, comm::CommunicatorPtr comm);
+  RunResult run();
 
-  auto plan = device::plan(o.data_device, o.model_device, o.local_rank);
-  TANDEM_CHECK(!plan.model.is_cuda() || world == 1 || o.strategy == "ddp" || o.strategy == "none",
+ private:
+  void train_epoch();
+  // Servers serve, workers step, until `end` steps of the epoch are done.
+  void run_segment(int64_t end, int64_t steps, EpochSums& sums);
+  EpochResult combine(EpochSums& sums, int64_t steps, double local_seconds);
+
+  const TrainOptions& o_;
+  comm::CommunicatorPtr comm_;
+  int rank_, world_;
+  Roles roles_;
+  bool logger_;
+  int threads_;
+  device::Plan plan_;
+  Datasets ds_;
+  PipelinePlan pp_;
+  std::optional<std::string> resume_;
+  std::unique_ptr<DataParallelStep> step_;
+  TrainState st_;
+  obs::Trace trace_;
+  std::unique_ptr<data::Loader> loader_, val_loader_;
+  std::unique_ptr<data::DistributedSampler> sampler_;
+  std::vector<int64_t> val_indices_;
+  std::unique_ptr<Checkpointer> ckpt_;
+  std::vector<std::unique_ptr<Observer>> observers_;
+  Clock::time_point run_start_;
+  TestFault fault_ = test_fault();
+};
+
+Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
+    : o_(o), comm_(std::move(comm)), rank_(comm_->rank()), world_(comm_->size()), trace_(!o.trace_path.empty(), rank_) {
+  validate(o);
+  roles_ = make_roles(o, rank_, world_);
+  logger_ = rank_ == roles_.log_rank && !o.quiet;
+  threads_ = o.threads > 0 ? o.threads : default_threads(o.local_world_size);
+  torch::set_num_threads(threads_);
+
+  plan_ = device::plan(o.data_device, o.model_device, o.local_rank);
+  TANDEM_CHECK(!plan_.model.is_cuda() || world_ == 1 || o.strategy == "ddp" || o.strategy == "none",
                "--strategy ", o.strategy, " moves gradients with Gloo point-to-point messages, which take CPU "
-               "tensors only; with --model-device ", plan.model.str(), " use --strategy ddp (or a CPU model)");
-  Datasets ds = load_datasets(o, logger);
-  PipelinePlan pp = plan_pipeline(o, ds.sample_shape, buffer_memory(plan.data, o.local_world_size));
+               "tensors only; with --model-device ", plan_.model.str(), " use --strategy ddp (or a CPU model)");
+  ds_ = load_datasets(o, logger_);
+  pp_ = plan_pipeline(o, ds_.sample_shape, buffer_memory(plan_.data, o.local_world_size));
+  // Resuming is said even with --quiet: it changes what the run does.
+  const bool says = rank_ == roles_.log_rank;
+  resume_ = find_resume_point(o, *comm_, says);  // collective when resuming
+  if (resume_) st_ = load_state(*resume_, o, roles_, world_, rank_, ds_.sample_shape, ds_.num_classes, says);
 
   torch::manual_seed(o.seed);
-  models::Model model = models::make_model({o.model, ds.num_classes, ds.sample_shape});
-  if (!o.weights.empty()) models::load_weights(*model.module, o.weights);
-  model.module->to(plan.model);
+  models::Model model = models::make_model({o.model, ds_.num_classes, ds_.sample_shape});
+  if (resume_) load_model(*resume_, *model.module);
+  else if (!o.weights.empty()) models::load_weights(*model.module, o.weights);
+  model.module->to(plan_.model);
   model.module->train();
 
-  if (logger) {
+  if (logger_) {
     std::fprintf(stderr,
                  "[tandem] strategy %s (%s), world %d, %d training rank%s, batch %lld per rank, %d thread%s per rank\n"
                  "[tandem] mode: %s; %s\n",
-                 o.strategy.c_str(), method_name(o.strategy).c_str(), world, trainers, trainers == 1 ? "" : "s",
-                 static_cast<long long>(o.batch_size), threads, threads == 1 ? "" : "s", plan.describe().c_str(),
-                 pp.describe.c_str());
-    if (!plan.model.is_cuda()) {
+                 o.strategy.c_str(), method_name(o.strategy).c_str(), world_, roles_.trainers,
+                 roles_.trainers == 1 ? "" : "s", static_cast<long long>(o.batch_size), threads_,
+                 threads_ == 1 ? "" : "s", plan_.describe().c_str(), pp_.describe.c_str());
+    if (!plan_.model.is_cuda()) {
       const auto blas = device::blas_info();
       if (blas.reference)
         std::fprintf(stderr, "[tandem] warning: %s; linear layers run over 10x slower than they could: %s\n",
                      blas.describe().c_str(), device::blas_fix());
     }
   }
+  step_ = std::make_unique<DataParallelStep>(o, roles_, model, comm_, plan_.model);  // collective
+  if (fault_.mismatch && world_ > 1) {
+    auto t = at::zeros({rank_ == 1 ? 3 : 2});
+    comm_->all_reduce(t);
+  }
+  if (resume_) {
+    restore_rng(st_.rng);
+    load_optimizer(*resume_, *step_, roles_);
+  } else {
+    st_.result.start_time = iso_time_now();
+    st_.result.restarts = restart_count();
+  }
 
-  // The gradient synchroniser (or the server role).
-  sync::GradientSyncPtr gsync;
-  std::unique_ptr<sync::ps::Server> ps_server;
-  sync::DdpOptions ddpo;
-  ddpo.bucket_mb = o.bucket_mb;
-  ddpo.compression = sync::parse_compression(o.compress);
-  if (o.strategy == "ddp") gsync = std::make_unique<sync::DistributedDataParallel>(model.module, comm, ddpo);
-  else if (o.strategy == "ring") gsync = std::make_unique<sync::RingSync>(model.module, comm, ddpo);
-  else if (server) ps_server = std::make_unique<sync::ps::Server>(model.module, comm, pso);
-  else if (ps) gsync = std::make_unique<sync::ps::Worker>(model.module, comm, pso);
-  else sync::broadcast_module(*model.module, *comm);  // "none": same start, no gradient traffic
-
-  torch::optim::SGD optimizer(model.module->parameters(), torch::optim::SGDOptions(o.lr).momentum(o.momentum));
-
-  obs::Trace trace(!o.trace_path.empty(), rank);
   data::LoaderOptions lo;
   lo.batch_size = o.batch_size;
-  lo.num_workers = pp.num_workers;
-  lo.buffer_size = pp.buffer_size;
+  lo.num_workers = pp_.num_workers;
+  lo.buffer_size = pp_.buffer_size;
   lo.static_shapes = o.static_shapes;
   lo.train = true;
   lo.seed = o.seed;
-  lo.pin_memory = plan.model.is_cuda();
-  lo.device = plan.data;
-  lo.trace = trace.enabled() ? &trace : nullptr;
-  std::unique_ptr<data::Loader> loader;
-  std::unique_ptr<data::DistributedSampler> sampler;
+  lo.pin_memory = plan_.model.is_cuda();
+  lo.device = plan_.data;
+  lo.trace = trace_.enabled() ? &trace_ : nullptr;
   // Evaluation (every rank, servers too): the same workers and devices, no
   // augmentation, no padding, no trace spans.
   data::LoaderOptions vlo = lo;
   vlo.train = false;
   vlo.static_shapes = false;
   vlo.trace = nullptr;
-  data::Loader val_loader(ds.val, vlo);
-  const auto val_indices =
-      data::DistributedSampler(ds.val->size(), rank, world, false, 0, data::Remainder::kNone).indices();
-  if (!server) {
-    loader = std::make_unique<data::Loader>(ds.train, lo);
-    sampler = std::make_unique<data::DistributedSampler>(ds.train->size(), trainer_index, trainers, true, o.seed);
+  val_loader_ = std::make_unique<data::Loader>(ds_.val, vlo);
+  val_indices_ = data::DistributedSampler(ds_.val->size(), rank_, world_, false, 0, data::Remainder::kNone).indices();
+  run_start_ = Clock::now();
+  if (!roles_.server) {
+    loader_ = std::make_unique<data::Loader>(ds_.train, lo);
+    sampler_ = std::make_unique<data::DistributedSampler>(ds_.train->size(), roles_.trainer_index, roles_.trainers,
+                                                          true, o.seed);
+    observers_.push_back(std::make_unique<ProgressObserver>(o.epochs, roles_.trainers, *loader_, logger_, roles_.ps,
+                                                            o.skip_bad_samples ? &ds_ : nullptr));
+    observers_.push_back(std::make_unique<TraceObserver>(trace_));
+    const double t0 = st_.result.timeline.empty() ? 0.0 : st_.result.timeline.back().t;
+    observers_.push_back(std::make_unique<TimelineObserver>(st_.result.timeline, *loader_, pp_.num_workers,
+                                                            run_start_, t0, trace_));
   }
-  // Every rank (servers too) knows how many steps an epoch has.
-  const int64_t shard = data::DistributedSampler(ds.train->size(), 0, trainers, true, o.seed).shard_size();
-  const int64_t steps = (shard + o.batch_size - 1) / o.batch_size;
-  TANDEM_CHECK(steps > 0, "the training set (", ds.train->size(), " samples) gives no step per rank with ",
-               trainers, " training ranks");
+  ckpt_ = std::make_unique<Checkpointer>(o, roles_, comm_,
+                                         fingerprint(o, roles_, world_, ds_.sample_shape, ds_.num_classes));
+}
 
-  RunResult result;
-  result.method = method_name(o.strategy);
-  result.world_size = world;
-  result.num_workers = trainers;
-  result.batch_size = static_cast<int>(o.batch_size);
-  result.start_time = iso_time_now();
-  const auto run_start = Clock::now();
-  double last_sample_t = -1, last_worker_busy = 0, last_model_busy = 0, model_busy_total = 0;
-
-  for (int epoch = 1; epoch <= o.epochs; ++epoch) {
-    EpochResult er;
-    er.epoch = epoch;
-    std::vector<double> step_losses(steps, 0.0);
-    Tally tally;
-    double comm_sum = 0, pull_sum = 0, push_sum = 0, wait_sum = 0;
-    data::LoaderStats before;
-    const auto t_epoch = Clock::now();
-    if (server) {
-      ps_server->serve_epoch(steps);
-    } else {
-      sampler->set_epoch(epoch);
-      loader->start_epoch(sampler->indices(), epoch);
-      before = loader->stats();
-      // Controlled start: wait for a warm buffer, or the delay, whichever first.
-      if (pp.num_workers > 0) {
-        auto w0 = Clock::now();
-        bool warm = loader->wait_ready(pp.warmup_batches, o.model_start_delay);
-        if (logger && epoch == 1)
-          std::fprintf(stderr, "[tandem] model start after %.2f s: %s\n", seconds(Clock::now() - w0),
-                       warm ? (std::to_string(pp.warmup_batches) + " batches buffered").c_str()
-                            : "--model-start-delay reached");
-      }
-      obs::ProgressBar bar("epoch " + std::to_string(epoch) + "/" + std::to_string(o.epochs), steps, logger);
-      const auto t_train = Clock::now();
-      int64_t step = 0;
-      while (auto batch = loader->next()) {
-        auto s0 = Clock::now();
-        const bool sync_now = (step + 1) % o.grad_accum == 0 || step + 1 == steps;
-        // Gradients set to none rather than zeroed (PyTorch 2.x's default,
-        // zero_grad(set_to_none=True)): backward hands each gradient over
-        // instead of adding it to zeros, and DDP's hook has nothing to add.
-        if (step % o.grad_accum == 0)
-          for (auto& group : optimizer.param_groups())
-            for (auto& p : group.params()) p.mutable_grad() = at::Tensor();
-        if (gsync) gsync->begin_step(sync_now);
-        auto s_xfer = Clock::now();
-        auto [x, y] = on_model_device(*batch, plan.model);
-        auto s_fwd = Clock::now();
-        auto logits = model.forward(x);
-        auto [loss, correct] = loss_and_correct(logits, *batch, y);
-        const int accum = std::min<int64_t>(o.grad_accum, steps - (step / o.grad_accum) * o.grad_accum);
-        auto s_bwd = Clock::now();
-        (accum > 1 ? loss / accum : loss).backward();
-        auto s_sync = Clock::now();
-        if (gsync) gsync->finish();
-        auto s_opt = Clock::now();
-        if (sync_now && !(gsync && gsync->applies_update())) optimizer.step();
-        auto s1 = Clock::now();
-        if (trace.enabled()) {
-          // CPU-side spans: on CUDA they show launch time, not kernel time.
-          trace.span("step " + std::to_string(step), "train", s0, s1);
-          if (gsync && gsync->applies_update()) trace.span("pull", "step phases", s0, s_xfer);
-          trace.span("transfer", "step phases", s_xfer, s_fwd);
-          trace.span("forward", "step phases", s_fwd, s_bwd);
-          trace.span("backward", "step phases", s_bwd, s_sync);
-          if (gsync) trace.span("sync wait", "step phases", s_sync, s_opt);
-          trace.span("optimizer", "step phases", s_opt, s1);
-          if (gsync && sync_now)
-            for (const auto& c : gsync->last_times().spans) trace.span(c.name, "comm", c.begin, c.end);
-        }
-        const double l = loss.item<double>();
-        const double n = static_cast<double>(batch->valid());
-        step_losses[step] = l;
-        tally.loss_sum += l * n;
-        tally.correct += correct;
-        tally.count += n;
-        if (gsync && sync_now) {
-          const auto& t = gsync->last_times();
-          comm_sum += t.comm;
-          pull_sum += t.pull;
-          push_sum += t.push;
-          wait_sum += t.wait;
-        }
-        model_busy_total += seconds(s1 - s0);
-        ++step;
-        // Utilisation timeline, sampled at most 4 times a second.
-        const double now = seconds(s1 - run_start);
-        if (now - last_sample_t >= 0.25) {
-          auto st = loader->stats();
-          double dt = last_sample_t < 0 ? now : now - last_sample_t;
-          double wb = st.worker_busy_seconds;
-          TimelinePoint p;
-          p.t = now;
-          p.buffer_fill = loader->buffer_fill();
-          p.data_busy = std::min(1.0, (wb - last_worker_busy) / (dt * std::max(1, pp.num_workers)));
-          p.model_busy = std::min(1.0, (model_busy_total - last_model_busy) / dt);
-          result.timeline.push_back(p);
-          trace.counter("buffer fill", p.buffer_fill, s1);
-          last_sample_t = now;
-          last_worker_busy = wb;
-          last_model_busy = model_busy_total;
-        }
-        if (logger && bar.due(step)) {
-          const double el = seconds(s1 - t_train);
-          auto st = loader->stats();
-          bar.update(step, fmt("loss %.4f acc %.3f %.0f img/s stall %.1f%%", tally.loss_sum / tally.count,
-                               tally.correct / tally.count, tally.count * trainers / el,
-                               100.0 * (st.wait_seconds - before.wait_seconds) / el));
-        }
-      }
-      TANDEM_ASSERT(step == steps, "rank ", rank, " ran ", step, " steps, expected ", steps);
-      bar.finish(fmt("loss %.4f acc %.3f %.0f img/s (%.0f steps)", tally.loss_sum / std::max(1.0, tally.count),
-                     tally.correct / std::max(1.0, tally.count),
-                     tally.count * trainers / seconds(Clock::now() - t_train), static_cast<double>(steps)));
+void Trainer::run_segment(int64_t end, int64_t steps, EpochSums& sums) {
+  if (roles_.server) {
+    step_->server()->serve_epoch(end - st_.step);
+    st_.global_step += end - st_.step;
+    st_.step = end;
+    return;
+  }
+  while (st_.step < end) {
+    auto batch = loader_->next();
+    TANDEM_ASSERT(batch, "rank ", rank_, " ran out of batches at step ", st_.step, " of ", steps);
+    const StepOutput out = step_->run(*batch, st_.step, steps);
+    sums.step_losses[st_.step] = out.loss;
+    sums.loss_sum += out.loss * out.count;
+    sums.correct += out.correct;
+    sums.count += out.count;
+    const auto* gsync = step_->gsync();
+    if (gsync && out.synced) {
+      const auto& t = gsync->last_times();
+      sums.comm += t.comm;
+      sums.pull += t.pull;
+      sums.push += t.push;
+      sums.wait += t.wait;
     }
-    if (ps) sync::ps::finalize_epoch(*model.module, *comm, pso);
-    const double train_time_local = seconds(Clock::now() - t_epoch);
-    // Combine the epoch across ranks: sums, and the slowest rank's time.
-    const int64_t syncs = (steps + o.grad_accum - 1) / o.grad_accum;
-    auto st = server ? data::LoaderStats{} : loader->stats();
-    auto sums = torch::tensor({tally.loss_sum, tally.correct, tally.count, comm_sum / syncs, pull_sum / syncs,
-                               push_sum / syncs, st.wait_seconds - before.wait_seconds,
-                               st.worker_busy_seconds - before.worker_busy_seconds,
-                               (st.fill_sum - before.fill_sum) / std::max<int64_t>(1, st.fill_samples - before.fill_samples),
-                               wait_sum / syncs,
-                               static_cast<double>(ds.train_folder ? ds.train_folder->bad_samples() : 0)},
-                              torch::kFloat64);
-    comm->all_reduce(sums);
-    auto tmax = torch::tensor({train_time_local}, torch::kFloat64);
-    comm->all_reduce(tmax, comm::ReduceOp::kMax);
-    auto losses = torch::tensor(step_losses, torch::kFloat64);
-    comm->all_reduce(losses);
-    const double tt = tmax.item<double>();
-    er.train_time = tt;
-    er.train_loss = sums[0].item<double>() / std::max(1.0, sums[2].item<double>());
-    er.train_accuracy = sums[1].item<double>() / std::max(1.0, sums[2].item<double>());
-    er.train_throughput = sums[2].item<double>() / tt;
-    er.avg_batch_time = tt / steps;
-    if (ps) {
-      er.avg_comm_time_pull = sums[4].item<double>() / trainers;
-      er.avg_comm_time_push = sums[5].item<double>() / trainers;
-    } else {
-      er.avg_comm_time = sums[3].item<double>() / trainers;
-      er.avg_comm_wait = sums[9].item<double>() / trainers;
-    }
-    er.pipeline.stall_fraction = sums[6].item<double>() / trainers / tt;
-    er.pipeline.data_busy_pct = 100.0 * sums[7].item<double>() / trainers / (tt * std::max(1, pp.num_workers));
-    er.pipeline.model_busy_pct = 100.0 * (1.0 - er.pipeline.stall_fraction);
-    er.pipeline.mean_buffer_fill = sums[8].item<double>() / trainers;
-    er.pipeline.bad_samples = static_cast<int64_t>(sums[10].item<double>());
-    for (int64_t i = 0; i < steps; ++i) result.all_losses.push_back(losses[i].item<double>() / trainers);
-
-    Tally val = evaluate(model, val_loader, val_indices, *comm, plan.model);
-    er.val_loss = val.loss_sum / std::max(1.0, val.count);
-    er.val_accuracy = val.correct / std::max(1.0, val.count);
-    result.epochs.push_back(er);
-    if (logger) {
-      std::fprintf(stderr,
-                   "[tandem] epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s, %.0f img/s, "
-                   "comm %.2f ms/step, stall %.1f%%\n",
-                   epoch, er.train_loss, er.train_accuracy, er.val_loss, er.val_accuracy, er.train_time,
-                   er.train_throughput, 1e3 * (ps ? er.avg_comm_time_pull + er.avg_comm_time_push : er.avg_comm_time),
-                   100 * er.pipeline.stall_fraction);
-      if (o.skip_bad_samples && ds.train_folder)
-        std::fprintf(stderr,
-                     "[tandem] --skip-bad-samples: %lld undecodable training image loads replaced so far (all ranks), "
-                     "%lld validation loads on this rank\n",
-                     static_cast<long long>(er.pipeline.bad_samples),
-                     static_cast<long long>(ds.val_folder ? ds.val_folder->bad_samples() : 0));
+    ++st_.step;
+    ++st_.global_step;
+    const StepEvent e{st_.epoch, st_.step, steps, st_.global_step, out, gsync, sums};
+    for (auto& ob : observers_) ob->after_step(e);
+    ckpt_->note_progress(st_.global_step);
+    if (rank_ == fault_.kill_rank && st_.global_step == fault_.kill_step && restart_count() == 0) {
+      ckpt_->note_progress(st_.global_step, /*now_or_never=*/true);
+      std::fprintf(stderr, "[tandem] TANDEM_TEST_FAULT: rank %d kills itself after step %lld\n", rank_,
+                   static_cast<long long>(st_.global_step));
+      ::raise(SIGKILL);
     }
   }
+}
+
+void Trainer::train_epoch() {
+  const int epoch = st_.epoch;
+  // Steps this epoch: those done before a resume, plus this world's shards of
+  // the rest (Note [Resume position] in data/sampler.h).
+  const int64_t rest =
+      data::DistributedSampler(ds_.train->size(), 0, roles_.trainers, true, o_.seed).shard_size(st_.start_position);
+  const int64_t steps = st_.done_before + (rest + o_.batch_size - 1) / o_.batch_size;
+  TANDEM_CHECK(steps > 0, "the training set (", ds_.train->size(), " samples) gives no step per rank with ",
+               roles_.trainers, " training ranks");
+  EpochSums sums = st_.carried;
+  sums.step_losses.resize(static_cast<size_t>(steps), 0.0);
+  data::LoaderStats before;
+  const auto t_epoch = Clock::now();
+  if (!roles_.server) {
+    sampler_->set_epoch(epoch);
+    loader_->start_epoch(sampler_->indices(st_.start_position), epoch);
+    before = loader_->stats();
+    // Controlled start: wait for a warm buffer, or the delay, whichever first.
+    if (pp_.num_workers > 0) {
+      auto w0 = Clock::now();
+      bool warm = loader_->wait_ready(pp_.warmup_batches, o_.model_start_delay);
+      if (logger_ && epoch == 1 && st_.step == 0)
+        std::fprintf(stderr, "[tandem] model start after %.2f s: %s\n", seconds_since(w0),
+                     warm ? (std::to_string(pp_.warmup_batches) + " batches buffered").c_str()
+                          : "--model-start-delay reached");
+    }
+  }
+  for (auto& ob : observers_) ob->epoch_begin(epoch, steps, st_.step);
+  // Loader counters since the epoch began, folded into the sums.
+  auto with_loader = [&](EpochSums s) {
+    if (roles_.server) return s;
+    const auto now = loader_->stats();
+    s.data_wait += now.wait_seconds - before.wait_seconds;
+    s.worker_busy += now.worker_busy_seconds - before.worker_busy_seconds;
+    s.fill_sum += now.fill_sum - before.fill_sum;
+    s.fill_samples += static_cast<double>(now.fill_samples - before.fill_samples);
+    return s;
+  };
+  while (st_.step < steps) {
+    const int64_t due = ckpt_->next_due(st_.global_step);
+    const int64_t end = std::min(steps, st_.step + (due - st_.global_step));
+    run_segment(end, steps, sums);
+    // Mid-epoch checkpoints fall where the gradient accumulation is complete.
+    if (st_.global_step == due && st_.step < steps && st_.step % o_.grad_accum == 0)
+      ckpt_->take(st_, with_loader(sums), seconds_since(t_epoch), *step_);
+  }
+  if (!roles_.server) TANDEM_ASSERT(!loader_->next(), "rank ", rank_, " has batches left after ", steps, " steps");
+  const double local_seconds = seconds_since(t_epoch);
+  for (auto& ob : observers_) ob->epoch_trained(epoch, steps, sums);
+  sums = with_loader(sums);
+  step_->consolidate();
+  EpochResult er = combine(sums, steps, local_seconds);
+  Tally val = evaluate(step_->model(), *val_loader_, val_indices_, *comm_, plan_.model);
+  er.val_loss = val.loss_sum / std::max(1.0, val.count);
+  er.val_accuracy = val.correct / std::max(1.0, val.count);
+  st_.result.epochs.push_back(er);
+  for (auto& ob : observers_) ob->epoch_end(er);
+  // The next epoch starts from the beginning of its permutation.
+  st_.epoch = epoch + 1;
+  st_.step = st_.start_position = st_.done_before = 0;
+  st_.elapsed = 0;
+  st_.carried = EpochSums{};
+  if (ckpt_->due_at_epoch_end(st_.global_step, epoch == o_.epochs)) ckpt_->take(st_, EpochSums{}, 0.0, *step_);
+}
+
+EpochResult Trainer::combine(EpochSums& s, int64_t steps, double local_seconds) {
+  // Sums across ranks, and the slowest rank's time.
+  const double bad = ds_.train_folder ? static_cast<double>(ds_.train_folder->bad_samples()) : 0.0;
+  auto sums = torch::tensor({s.loss_sum, s.correct, s.count, s.comm, s.pull, s.push, s.wait, s.data_wait,
+                             s.worker_busy, s.fill_sum, s.fill_samples, bad},
+                            torch::kFloat64);
+  comm_->all_reduce(sums);
+  auto tmax = torch::tensor({local_seconds}, torch::kFloat64);
+  comm_->all_reduce(tmax, comm::ReduceOp::kMax);
+  auto losses = torch::tensor(s.step_losses, torch::kFloat64);
+  comm_->all_reduce(losses);
+  const double* v = sums.data_ptr<double>();
+  const double tt = tmax.item<double>() + st_.elapsed;
+  const double T = roles_.trainers;
+  const double syncs = static_cast<double>((steps + o_.grad_accum - 1) / o_.grad_accum);
+  EpochResult er;
+  er.epoch = st_.epoch;
+  er.train_time = tt;
+  er.train_loss = v[0] / std::max(1.0, v[2]);
+  er.train_accuracy = v[1] / std::max(1.0, v[2]);
+  er.train_throughput = v[2] / tt;
+  er.avg_batch_time = tt / static_cast<double>(steps);
+  if (roles_.ps) {
+    er.avg_comm_time_pull = v[4] / syncs / T;
+    er.avg_comm_time_push = v[5] / syncs / T;
+  } else {
+    er.avg_comm_time = v[3] / syncs / T;
+    er.avg_comm_wait = v[6] / syncs / T;
+  }
+  er.pipeline.stall_fraction = v[7] / T / tt;
+  er.pipeline.data_busy_pct = 100.0 * v[8] / T / (tt * std::max(1, pp_.num_workers));
+  er.pipeline.model_busy_pct = 100.0 * (1.0 - er.pipeline.stall_fraction);
+  er.pipeline.mean_buffer_fill = v[9] / std::max(1.0, v[10]);
+  er.pipeline.bad_samples = static_cast<int64_t>(v[11]);
+  const double* l = losses.data_ptr<double>();
+  for (int64_t i = 0; i < steps; ++i) st_.result.all_losses.push_back(l[i] / T);
+  return er;
+}
+
+RunResult Trainer::run() {
+  while (st_.epoch <= o_.epochs) train_epoch();
+  ckpt_->flush();
+  RunResult& result = st_.result;
+  result.method = method_name(o_.strategy);
+  result.world_size = world_;
+  result.num_workers = roles_.trainers;
+  result.batch_size = static_cast<int>(o_.batch_size);
   result.end_time = iso_time_now();
-  result.config = {{"model", o.model},         {"dataset", o.dataset},       {"strategy", o.strategy},
-                   {"epochs", o.epochs},       {"lr", o.lr},                 {"momentum", o.momentum},
-                   {"seed", o.seed},           {"grad_accum", o.grad_accum}, {"bucket_mb", o.bucket_mb},
-                   {"compress", o.compress},   {"threads", threads},         {"num_workers", pp.num_workers},
-                   {"buffer_size", pp.buffer_size}, {"limit", o.limit},      {"data_device", plan.data.str()},
-                   {"model_device", plan.model.str()}, {"comm", comm->backend()}};
-  if (ps)
-    result.config.update({{"ps_servers", o.ps_servers}, {"ps_mode", o.ps_mode}, {"staleness", o.staleness},
-                          {"ps_transport", pso.transport == sync::ps::Transport::kP2P ? "p2p" : "collective"}});
-  if (rank == log_rank && !o.output.empty()) write_results(result, o.output);
-  if (!o.trace_path.empty()) {
-    std::string path = o.trace_path;
-    if (world > 1) {
-      auto dot = path.rfind(".json");
-      path = (dot == std::string::npos ? path : path.substr(0, dot)) + ".rank" + std::to_string(rank) + ".json";
+  const std::string weights = weights_path(o_, result.method);
+  result.config = {{"model", o_.model},         {"dataset", o_.dataset},       {"strategy", o_.strategy},
+                   {"epochs", o_.epochs},       {"lr", o_.lr},                 {"momentum", o_.momentum},
+                   {"seed", o_.seed},           {"grad_accum", o_.grad_accum}, {"bucket_mb", o_.bucket_mb},
+                   {"compress", o_.compress},   {"threads", threads_},         {"num_workers", pp_.num_workers},
+                   {"buffer_size", pp_.buffer_size}, {"limit", o_.limit},      {"data_device", plan_.data.str()},
+                   {"model_device", plan_.model.str()}, {"comm", comm_->backend()}, {"weights", weights},
+                   {"checkpoint_dir", o_.checkpoint_dir}, {"resumed_from", resume_ ? *resume_ : ""}};
+  if (roles_.ps)
+    result.config.update({{"ps_servers", o_.ps_servers}, {"ps_mode", o_.ps_mode}, {"staleness", o_.staleness},
+                          {"ps_transport", roles_.pso.transport == sync::ps::Transport::kP2P ? "p2p" : "collective"}});
+  if (rank_ == roles_.log_rank) {
+    if (!o_.output.empty()) write_results(result, o_.output);
+    if (!weights.empty()) {
+      auto parent = std::filesystem::path(weights).parent_path();
+      std::error_code ec;
+      if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+      models::save_weights(*step_->model().module, weights);
+      if (!o_.quiet) std::fprintf(stderr, "[tandem] trained weights written to %s\n", weights.c_str());
     }
-    trace.write(path);
+  }
+  if (!o_.trace_path.empty()) {
+    std::string path = o_.trace_path;
+    if (world_ > 1) {
+      auto dot = path.rfind(".json");
+      path = (dot == std::string::npos ? path : path.substr(0, dot)) + ".rank" + std::to_string(rank_) + ".json";
+    }
+    trace_.write(path);
   }
   return result;
 }
+
+}  // namespace
+
+RunResult run_training(const TrainOptions& o, comm::CommunicatorPtr comm) { return Trainer(o, std::move(comm)).run(); }
+
 
 }  // namespace tandem::train

@@ -31,6 +31,10 @@ constexpr const char* kHostId = "TANDEM_HOST_ID";
 // Set by `tandem launch`: part of the job's shared-memory segment names, so
 // that the launcher can remove what a killed job left.
 constexpr const char* kJobId = "TANDEM_JOB_ID";
+// Set by the launcher: which attempt this is (0 first; see --max-restarts).
+constexpr const char* kRestartCount = "TANDEM_RESTART_COUNT";
+constexpr const char* kTorchElasticRestartCount = "TORCHELASTIC_RESTART_COUNT";
+constexpr const char* kTorchElasticMaxRestarts = "TORCHELASTIC_MAX_RESTARTS";
 // Shared-memory tuning: the collective chunk and the size below which every
 // rank reduces a whole chunk (bytes; see comm/shm.h ShmOptions).
 constexpr const char* kShmChunk = "TANDEM_SHM_CHUNK";

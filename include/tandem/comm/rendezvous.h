@@ -39,6 +39,11 @@ struct RendezvousOptions {
   std::string comm = "auto";
   // Rank 0 writes one line to stderr saying which communicator was chosen and why.
   bool verbose = false;
+  // Checks (comm/checked.h): rank 0 names the ranks that have not reached a
+  // collective that waited this long (0: off); and every collective's
+  // fingerprint compared across ranks before it runs.
+  double stall_warn_s = 0;
+  bool check_collectives = false;
 };
 
 // The accepted --comm values, for messages and validation.

@@ -13,6 +13,14 @@
 // PyTorch: the first samples of the permutation are repeated, so every sample
 // is seen at least once and a few twice). Evaluation uses kNone instead: uneven
 // shards, no sample dropped or duplicated, and exact counts summed across ranks.
+//
+// Note [Resume position]: after s steps of batch B on n ranks, the ranks
+// together consumed exactly the permutation's first p = s x B x n positions
+// (rank r took r, r+n, ...). Resuming at p with n' ranks, the positions p..N-1
+// are cut into n' strided shards and padded as above (kPad: with the first
+// samples of the permutation). With n' = n this is exactly the remainder of
+// the uninterrupted epoch, so a resumed run visits the same samples in the
+// same order; with another n' every sample of the epoch is still visited.
 #include <cstdint>
 #include <vector>
 
@@ -27,9 +35,13 @@ class DistributedSampler {
   void set_epoch(int64_t epoch) { epoch_ = epoch; }
   int64_t epoch() const { return epoch_; }
   // This rank's indices for the current epoch, in visiting order.
-  std::vector<int64_t> indices() const;
+  std::vector<int64_t> indices() const { return indices(0); }
   // Number of indices this rank gets per epoch (same every epoch).
-  int64_t shard_size() const;
+  int64_t shard_size() const { return shard_size(0); }
+  // Resuming an epoch part-way (Note [Resume position]): the shard of the
+  // permutation's positions from `start` on, for this world size.
+  std::vector<int64_t> indices(int64_t start) const;
+  int64_t shard_size(int64_t start) const;
 
  private:
   int64_t n_;

@@ -26,13 +26,19 @@ struct LaunchOptions {
   std::vector<std::string> command;  // argv of every rank; command[0] searched in PATH
   double grace_seconds = 3.0;        // between SIGTERM and SIGKILL at shutdown
   std::map<std::string, std::string> extra_env;  // set last: overrides the above
+  // When a rank fails (exits non-zero or is killed), stop the others and
+  // start the whole group again, up to this many times (single node only).
+  // Each attempt gets a fresh rendezvous (store, job id) and
+  // TANDEM_RESTART_COUNT = TORCHELASTIC_RESTART_COUNT = the attempt's index.
+  int max_restarts = 0;
 };
 
 // Throws tandem::Error for invalid options (with the flag to fix).
 void validate(const LaunchOptions& opts);
 
-// Runs the job to completion and returns the exit code to use: 0 when every
-// rank exited 0; otherwise the code of the first rank that failed (128+signal
+// Runs the job to completion (restarting it up to max_restarts times after a
+// rank failure) and returns the exit code to use: 0 when every rank of the
+// last attempt exited 0; otherwise the code of the first rank that failed (128+signal
 // when it was killed by a signal), or 128+signal when the launcher itself got
 // SIGINT/SIGTERM (forwarded to every rank). Progress and failures are written
 // to `log`. Throws tandem::Error for invalid options or when a rank cannot be

@@ -184,6 +184,11 @@ class Server {
   const std::vector<ClockRecord>& clock_log() const { return clock_log_; }
   // Gradients applied so far (sync: one per step; async/ssp: one per push).
   int64_t updates() const { return updates_; }
+  // For checkpoints: this server's momentum buffer (its shard's elements;
+  // undefined before the first update), and putting it back with the update
+  // count. The shard's parameters live in the module between serve_epoch calls.
+  at::Tensor momentum() const { return has_momentum_ ? momentum_buf_ : at::Tensor(); }
+  void restore(const at::Tensor& momentum, int64_t updates);
 
  private:
   void serve_sync_collective(int64_t steps);

@@ -19,7 +19,9 @@
 //                "best_val_accuracy", "avg_comm_time" | "avg_comm_time_pull" +
 //                "avg_comm_time_push" },
 //   "all_losses": [ per-step training loss, averaged over training ranks ],
-//   "timeline": [ { "t" (s since start), "buffer_fill", "data_busy", "model_busy" } ] }
+//   "timeline": [ { "t" (s since start), "buffer_fill", "data_busy", "model_busy" } ],
+//   "restarts": times the job was restarted after a failure (launcher --max-restarts),
+//   "steps_redone": steps trained again because they came after the checkpoint resumed from }
 #include <string>
 #include <vector>
 
@@ -58,9 +60,14 @@ struct RunResult {
   std::vector<EpochResult> epochs;
   std::vector<double> all_losses;
   std::vector<TimelinePoint> timeline;
+  int restarts = 0;
+  int64_t steps_redone = 0;
 };
 
 nlohmann::json to_json(const RunResult& r);
+// The inverse of to_json (checkpoints keep the results so far); throws
+// nlohmann::json::exception on a missing or mistyped field.
+RunResult from_json(const nlohmann::json& j);
 // File name for a method, as in seed 002: results_<method>.json.
 std::string results_file_name(const std::string& method);
 std::string iso_time_now();

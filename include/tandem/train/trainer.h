@@ -1,10 +1,22 @@
 #pragma once
-// Trainer: the training loop every strategy shares.
+// Training: the loop every strategy shares.
 //
-// One Trainer per rank. run() trains `epochs` epochs with the chosen gradient
-// synchroniser, evaluates on the test split after each (distributed, exact
-// counts), and returns the same RunResult on every rank; the logging rank
-// shows the progress bar and writes the results JSON and the trace.
+// run_training() is the one call the command line makes, once per rank. It
+// builds a Trainer (src/train/trainer_loop.h): the step loop, which feeds
+// batches from the Loader to a Step (forward, backward, gradient sync,
+// optimiser; src/train/step.h) and tells its observers (progress bar, trace,
+// utilisation timeline, checkpointer; src/train/observers.h) after each step
+// and epoch. It trains `epochs` epochs, evaluates on the test split after each
+// (distributed, exact counts), and returns the same RunResult on every rank;
+// the logging rank shows the progress bar and writes the results JSON, the
+// trained weights (a PyTorch state_dict) and the trace.
+//
+// Durable training (src/train/checkpointing.h): with checkpoint_dir, rank 0
+// writes an atomic checkpoint every checkpoint_every steps (in the
+// background, from an in-memory snapshot); `resume` continues from one with
+// the parameters, optimiser state, sampler position, RNG and results so far
+// restored, so that a resumed run ends bit-identical to an uninterrupted one
+// (same seed and world size; ddp, ring and ps in sync mode).
 #include <string>
 
 #include "tandem/comm/communicator.h"
@@ -55,7 +67,19 @@ struct TrainOptions {
   // Output.
   std::string output = "results";  // a directory, or a .json file; "" writes nothing
   std::string trace_path;
+  // The trained weights: "" = model.pt beside the results JSON, or
+  // model_<method>.pt in the results directory (nothing when output is "");
+  // "none" = not saved.
+  std::string save;
   bool quiet = false;
+  // Durable training.
+  std::string checkpoint_dir;   // "" = no checkpoints
+  int64_t checkpoint_every = 0; // steps between checkpoints; 0 = at the end of every epoch
+  int keep_checkpoints = 2;
+  // "" = start fresh (or, after a launcher restart with checkpoint_dir, the
+  // latest checkpoint); "latest" = the newest good checkpoint in
+  // checkpoint_dir; otherwise a checkpoint directory or a directory of them.
+  std::string resume;
   int local_world_size = 1;  // set from the rendezvous, for the default thread count
   int local_rank = 0;        // set from the rendezvous: a bare "cuda" means cuda:local_rank
 };
