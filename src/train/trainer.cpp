@@ -36,6 +36,10 @@ void write_results(const RunResult& r, const std::string& output) {
     std::filesystem::create_directories(output, ec);
     TANDEM_CHECK(!ec, "--output: cannot create directory ", output, ": ", ec.message());
     path = output + "/" + results_file_name(r.method);
+  } else if (auto parent = std::filesystem::path(path).parent_path(); !parent.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(parent, ec);
+    TANDEM_CHECK(!ec, "--output: cannot create directory ", parent.string(), ": ", ec.message());
   }
   std::ofstream f(path);
   TANDEM_CHECK(f, "--output: cannot write ", path, " (does its directory exist and is it writable?)");
