@@ -211,6 +211,37 @@ TEST(Launch, RankKilledBySignalIsReported) {
   EXPECT_NE(log.str().find("was killed by signal SIGKILL"), std::string::npos) << log.str();
 }
 
+// --max-restarts: a rank killed on the first attempt restarts the whole
+// group with a fresh store and job id and the attempt's index in
+// TANDEM_RESTART_COUNT / TORCHELASTIC_RESTART_COUNT; the second attempt
+// succeeds, so the job does. Without restarts left, the failure stands.
+TEST(Launch, MaxRestartsStartsTheGroupAgain) {
+  TempDir t;
+  auto o = sh(2,
+              "env > \"$OUT/env.$TANDEM_RESTART_COUNT.$RANK\"; "
+              "if [ \"$TANDEM_RESTART_COUNT\" = 0 ] && [ \"$RANK\" = 1 ]; then kill -9 $$; fi; sleep 0.2",
+              t.str());
+  o.max_restarts = 2;
+  std::ostringstream log;
+  EXPECT_EQ(tandem::launch::launch(o, log), 0) << log.str();
+  EXPECT_NE(log.str().find("restarting the group on a fresh rendezvous (restart 1 of 2"), std::string::npos)
+      << log.str();
+  EXPECT_NE(log.str().find("succeeded after 1 restart"), std::string::npos) << log.str();
+  auto first = read_env(t.file("env.0.0")), second = read_env(t.file("env.1.0"));
+  EXPECT_EQ(second["TORCHELASTIC_RESTART_COUNT"], "1");
+  EXPECT_EQ(second["TORCHELASTIC_MAX_RESTARTS"], "2");
+  EXPECT_NE(first["TANDEM_JOB_ID"], second["TANDEM_JOB_ID"]);
+  EXPECT_NE(first["TANDEM_STORE_PATH"], second["TANDEM_STORE_PATH"]);
+  EXPECT_FALSE(fs::exists(t.file("env.2.0")));  // no third attempt
+
+  TempDir t2;
+  auto always = sh(2, "if [ \"$RANK\" = 1 ]; then exit 5; fi; sleep 0.2", t2.str());
+  always.max_restarts = 1;
+  std::ostringstream log2;
+  EXPECT_EQ(tandem::launch::launch(always, log2), 5) << log2.str();
+  EXPECT_NE(log2.str().find("giving up after 1 restart (--max-restarts 1)"), std::string::npos) << log2.str();
+}
+
 TEST(Launch, SigtermToTheLauncherIsForwarded) {
   TempDir t;
   auto o = sh(2, "echo $$ > \"$OUT/pid.$RANK\"; sleep 60", t.str());
@@ -275,6 +306,13 @@ TEST(Launch, BadOptionsAreErrors) {
   o = ok;
   o.master_port = 65536;
   expect_error(o, "--master-port");
+  o = ok;
+  o.max_restarts = -1;
+  expect_error(o, "--max-restarts must be >= 0");
+  o = ok;
+  o.nnodes = 2;
+  o.max_restarts = 1;
+  expect_error(o, "--max-restarts restarts the ranks of one node");
   o = ok;
   o.command.clear();
   expect_error(o, "nothing to launch: give the command after --");
