@@ -261,10 +261,15 @@ void Checkpointer::take(const TrainState& st, const EpochSums& sums, double trai
   snap.files.push_back({kStateFile, [s = std::move(state)] { return s.dump() + "\n"; }});
   const auto t1 = Clock::now();
   writer_->submit(std::move(snap));  // waits only if the previous write is still going
-  if (!o_.quiet)
-    std::fprintf(stderr, "[tandem] checkpoint of step %lld: training paused %.3f s (snapshot %.3f s); "
-                 "the write goes on in the background\n",
-                 static_cast<long long>(st.global_step), seconds_since(t0), seconds(t1 - t0));
+  const auto t2 = Clock::now();
+  if (o_.quiet) return;
+  std::fprintf(stderr, "[tandem] checkpoint of step %lld: training paused %.3f s (snapshot %.3f s); "
+               "the write goes on in the background\n",
+               static_cast<long long>(st.global_step), seconds(t2 - t0), seconds(t1 - t0));
+  if (seconds(t2 - t1) > 0.1)
+    std::fprintf(stderr, "[tandem] note: training waited %.1f s for the previous checkpoint's write: writing "
+                 "takes longer than --checkpoint-every %lld steps; raise it (or use a faster disk)\n",
+                 seconds(t2 - t1), static_cast<long long>(o_.checkpoint_every));
 }
 
 std::optional<std::string> find_resume_point(const TrainOptions& o, comm::Communicator& comm, bool log) {
