@@ -28,7 +28,8 @@ void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
   sub->add_option("--image-size", o.image_size, "imagefolder: crop size in pixels (default 224)");
   sub->add_option("--channels", o.channels, "imagefolder: 1 (grey) or 3 (RGB) input channels (default 3)");
   sub->add_option("--num-classes", o.num_classes, "Output classes (default: from the data set)");
-  sub->add_option("--weights", o.weights, "Initial weights: a PyTorch state_dict file or a tandem checkpoint");
+  sub->add_option("--weights", o.weights, "Initial weights: a PyTorch state_dict file (e.g. a model.pt of an earlier run) or a checkpoint directory "
+                  "(its model.pt; to continue training with its optimiser state and position, use --resume)");
   sub->add_option("--epochs", o.epochs, "Training epochs")->capture_default_str();
   sub->add_option("--batch-size,--batch_size", o.batch_size, "Samples per step on each rank")->capture_default_str();
   sub->add_option("--lr", o.lr, "SGD learning rate")->capture_default_str();

@@ -200,7 +200,12 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
   torch::manual_seed(o.seed);
   models::Model model = models::make_model({o.model, ds_.num_classes, ds_.sample_shape});
   if (resume_) load_model(*resume_, *model.module);
-  else if (!o.weights.empty()) models::load_weights(*model.module, o.weights);
+  else if (!o.weights.empty()) {
+    // A checkpoint directory gives its model.pt.
+    const auto in_ckpt = std::filesystem::path(o.weights) / "model.pt";
+    models::load_weights(*model.module, std::filesystem::is_directory(o.weights) && std::filesystem::exists(in_ckpt)
+                                            ? in_ckpt.string() : o.weights);
+  }
   model.module->to(plan_.model);
   model.module->train();
 
