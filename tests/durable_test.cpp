@@ -177,6 +177,11 @@ TEST(Durable, DamagedCheckpointFallsBackOrFails) {
                              " --output " + d.file("c.json"));
   EXPECT_NE(c3, 0) << o3;
   EXPECT_NE(o3.find("model.pt"), std::string::npos) << o3;
+  // A fresh run refuses a directory holding another run's checkpoints.
+  auto [c5, o5] = run_tandem("train --epochs 1" + kSmall + "--checkpoint-dir " + d.file("ck") + " --output " +
+                             d.file("e.json"));
+  EXPECT_NE(c5, 0) << o5;
+  EXPECT_NE(o5.find("holds checkpoints of an earlier run"), std::string::npos) << o5;
   // Another model cannot continue this checkpoint: the message names the difference.
   auto [c4, o4] = run_tandem("train --epochs 2 --model cnn --limit 768 --val-limit 300 --batch-size 32 --quiet "
                              "--resume " + d.file("ck/ckpt-0000000020") + " --output " + d.file("d.json"));

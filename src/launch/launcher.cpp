@@ -437,6 +437,7 @@ Attempt run_group(const LaunchOptions& o, int attempt, std::ostream& log) {
         if (c.running)
           log << "tandem launch: rank " << c.rank << " (pid " << c.pid << ") did not exit after SIGKILL; giving up on it"
               << std::endl;
+      rank_failed = false;  // a rank that cannot be stopped must not meet a restarted group
       break;
     }
     sleep_ms(50);
@@ -485,7 +486,7 @@ int launch(const LaunchOptions& o, std::ostream& log) {
             << std::endl;
       return 0;
     }
-    if (!a.rank_failed || attempt >= o.max_restarts) {
+    if (!a.rank_failed || attempt >= o.max_restarts || g_received != 0) {
       if (a.rank_failed && o.max_restarts > 0)
         log << "tandem launch: giving up after " << attempt << " restart" << (attempt == 1 ? "" : "s")
             << " (--max-restarts " << o.max_restarts << ")" << std::endl;

@@ -134,27 +134,65 @@ int64_t read_progress(const std::string& dir) {
   }
 }
 
+// Rank 0's choice for find_resume_point: "P<path>" or "N" (start fresh).
+std::string pick_checkpoint(const TrainOptions& o, bool implicit, bool log) {
+  const std::string where = (o.resume.empty() || o.resume == "latest") ? o.checkpoint_dir : o.resume;
+  TANDEM_CHECK(!where.empty(), "--resume latest needs --checkpoint-dir D (or give --resume PATH)");
+  if (fs::exists(fs::path(where) / "manifest.json")) {
+    ckpt::verify(where);  // an explicit checkpoint: damage is an error, no fallback
+    return "P" + where;
+  }
+  auto good = ckpt::latest_good(where, [log](const std::string& w) {
+    if (log) std::fprintf(stderr, "[tandem] warning: %s\n", w.c_str());
+  });
+  if (good) return "P" + *good;
+  TANDEM_CHECK(implicit, "--resume: no usable checkpoint in ", where,
+               " (train with --checkpoint-dir to make some, or drop --resume)");
+  return "N";
+}
+
+// A fresh run must not write into another run's checkpoints: a later restart
+// would resume the other run, and pruning would keep its steps.
+std::string check_fresh(const std::string& dir) {
+  const auto old = ckpt::list_checkpoints(dir);
+  TANDEM_CHECK(old.empty(), "--checkpoint-dir ", dir, " holds checkpoints of an earlier run (", old.back(),
+               "): pass --resume to continue that run, or give an empty or new --checkpoint-dir");
+  return "N";
+}
+
 }  // namespace
 
 // What must match for a checkpoint to continue this run. `world` is part of
 // it only for the parameter server (its shards); ddp and ring re-shard.
 nlohmann::json fingerprint(const TrainOptions& o, const Roles& roles, int world, const std::vector<int64_t>& sample_shape,
-                 int64_t num_classes) {
+                           int64_t num_classes, int64_t train_size) {
   json f{{"model", o.model},       {"dataset", o.dataset},       {"limit", o.limit},
          {"sample_shape", sample_shape}, {"num_classes", num_classes}, {"strategy", o.strategy},
-         {"seed", o.seed},         {"grad_accum", o.grad_accum}};
+         {"train_size", train_size}, {"seed", o.seed},         {"grad_accum", o.grad_accum}};
   if (roles.ps) f.update({{"ps_servers", o.ps_servers}, {"ps_mode", o.ps_mode}, {"world_size", world}});
   return f;
 }
 
 int restart_count() {
-  const char* v = std::getenv(env::kRestartCount);
-  return v ? std::atoi(v) : 0;
+  // tandem's launcher, torchrun's, or Slurm's (srun --requeue).
+  for (const char* name : {env::kRestartCount, env::kTorchElasticRestartCount, "SLURM_RESTART_COUNT"}) {
+    const char* v = std::getenv(name);
+    if (!v || !*v) continue;
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    TANDEM_CHECK(*end == '\0' && n >= 0, name, "='", v, "' is not a restart count (a number >= 0)");
+    return static_cast<int>(n);
+  }
+  return 0;
 }
 
 Checkpointer::Checkpointer(const TrainOptions& o, const Roles& roles, comm::CommunicatorPtr comm,
                            nlohmann::json fingerprint)
     : o_(o), roles_(roles), comm_(std::move(comm)), dir_(o.checkpoint_dir), fingerprint_(std::move(fingerprint)) {
+  if (!dir_.empty() && comm_->rank() == roles.log_rank) {
+    std::error_code ec;
+    fs::create_directories(dir_, ec);  // for the progress record (rank 0's writer makes it too)
+  }
   if (dir_.empty() || comm_->rank() != 0) return;
   ckpt::WriterOptions wo;
   wo.keep = o.keep_checkpoints;
@@ -182,7 +220,6 @@ void Checkpointer::note_progress(int64_t global_step, bool now_or_never) {
   if (!now_or_never && now - last_progress_ < std::chrono::milliseconds(200)) return;
   last_progress_ = now;
   std::error_code ec;
-  fs::create_directories(dir_, ec);
   const std::string path = (fs::path(dir_) / kProgressFile).string();
   const std::string tmp = path + ".tmp";
   {
@@ -194,7 +231,12 @@ void Checkpointer::note_progress(int64_t global_step, bool now_or_never) {
 }
 
 void Checkpointer::flush() {
-  if (writer_) writer_->flush();
+  if (!writer_) return;
+  try {
+    writer_->flush();
+  } catch (const Error& e) {
+    std::fprintf(stderr, "[tandem] warning: the last checkpoint was not written: %s\n", e.what());
+  }
 }
 
 void Checkpointer::take(const TrainState& st, const EpochSums& sums, double train_seconds, DataParallelStep& step) {
@@ -260,7 +302,15 @@ void Checkpointer::take(const TrainState& st, const EpochSums& sums, double trai
   snap.files.push_back({kOptimFile, [m = std::move(optim_copy)] { return pickle(m); }});
   snap.files.push_back({kStateFile, [s = std::move(state)] { return s.dump() + "\n"; }});
   const auto t1 = Clock::now();
-  writer_->submit(std::move(snap));  // waits only if the previous write is still going
+  try {
+    writer_->submit(std::move(snap));  // waits only if the previous write is still going
+  } catch (const Error& e) {
+    // Only rank 0 writes: failing here would leave the others waiting in the
+    // next collective. Training goes on; the earlier checkpoints stay.
+    std::fprintf(stderr, "[tandem] warning: checkpoint of step %lld not written: %s\n",
+                 static_cast<long long>(st.global_step), e.what());
+    return;
+  }
   const auto t2 = Clock::now();
   if (o_.quiet) return;
   std::fprintf(stderr, "[tandem] checkpoint of step %lld: training paused %.3f s (snapshot %.3f s); "
@@ -275,30 +325,15 @@ void Checkpointer::take(const TrainState& st, const EpochSums& sums, double trai
 std::optional<std::string> find_resume_point(const TrainOptions& o, comm::Communicator& comm, bool log) {
   // Resume when asked, or after a launcher restart of a checkpointed run.
   const bool implicit = o.resume.empty() && restart_count() > 0 && !o.checkpoint_dir.empty();
-  if (o.resume.empty() && !implicit) return std::nullopt;
+  const bool fresh = o.resume.empty() && !implicit && !o.checkpoint_dir.empty();
+  if (o.resume.empty() && !implicit && !fresh) return std::nullopt;
   // Rank 0 decides; the others learn the outcome (path, none, or an error).
   constexpr int64_t kMax = 4096;
   auto msg = at::zeros({kMax}, at::kByte);
   if (comm.rank() == 0) {
     std::string outcome;  // "P<path>" | "N" | "E<error>"
     try {
-      const std::string where = (o.resume.empty() || o.resume == "latest") ? o.checkpoint_dir : o.resume;
-      TANDEM_CHECK(!where.empty(), "--resume latest needs --checkpoint-dir D (or give --resume PATH)");
-      if (fs::exists(fs::path(where) / "manifest.json")) {
-        ckpt::verify(where);  // an explicit checkpoint: damage is an error, no fallback
-        outcome = "P" + where;
-      } else {
-        auto good = ckpt::latest_good(where, [log](const std::string& w) {
-          if (log) std::fprintf(stderr, "[tandem] warning: %s\n", w.c_str());
-        });
-        if (good) {
-          outcome = "P" + *good;
-        } else {
-          TANDEM_CHECK(implicit, "--resume: no usable checkpoint in ", where,
-                       " (train with --checkpoint-dir to make some, or drop --resume)");
-          outcome = "N";
-        }
-      }
+      outcome = fresh ? check_fresh(o.checkpoint_dir) : pick_checkpoint(o, implicit, log);
     } catch (const std::exception& e) {
       outcome = std::string("E") + e.what();
     }
@@ -313,7 +348,7 @@ std::optional<std::string> find_resume_point(const TrainOptions& o, comm::Commun
     TANDEM_FAIL("rank 0 could not resume: ", outcome.substr(1));
   }
   if (outcome[0] == 'N') {
-    if (log) std::fprintf(stderr, "[tandem] restart %d: no checkpoint yet in %s; starting from the beginning\n",
+    if (log && !fresh) std::fprintf(stderr, "[tandem] restart %d: no checkpoint yet in %s; starting from the beginning\n",
                           restart_count(), o.checkpoint_dir.c_str());
     return std::nullopt;
   }
@@ -322,7 +357,7 @@ std::optional<std::string> find_resume_point(const TrainOptions& o, comm::Commun
 }
 
 TrainState load_state(const std::string& ckpt, const TrainOptions& o, const Roles& roles, int world, int rank,
-                      const std::vector<int64_t>& sample_shape, int64_t num_classes, bool log) {
+                      const nlohmann::json& want, bool log) {
   const std::string where = (fs::path(ckpt) / kStateFile).string();
   json j;
   try {
@@ -332,7 +367,6 @@ TrainState load_state(const std::string& ckpt, const TrainOptions& o, const Role
   }
   TrainState st;
   try {
-    const json want = fingerprint(o, roles, world, sample_shape, num_classes);
     const json& have = j.at("fingerprint");
     for (const auto& [k, v] : want.items()) {
       const json h = have.contains(k) ? have.at(k) : json();
@@ -359,6 +393,10 @@ TrainState load_state(const std::string& ckpt, const TrainOptions& o, const Role
     st.done_before = st.step;
     st.elapsed = j.at("elapsed").get<double>();
     st.result = from_json(j.at("result"));
+    if (log && st.epoch > o.epochs)
+      std::fprintf(stderr, "[tandem] note: %s finished %d epoch%s; nothing is left to train with --epochs %d "
+                   "(raise --epochs to train further)\n", ckpt.c_str(), st.epoch - 1, st.epoch == 2 ? "" : "s",
+                   o.epochs);
     if (rank == 0) {
       st.carried = sums_from_json(j.at("sums"));
       // Per-step losses are summed over ranks and divided by the training
@@ -394,10 +432,11 @@ void load_optimizer(const std::string& ckpt, DataParallelStep& step, const Roles
   for (auto& [k, v] : models::read_weights(path)) saved.emplace(k, v);
   auto& module = *step.model().module;
   if (roles.ps) {
-    auto* server = step.server();
-    if (!server) return;  // workers keep no optimiser state
+    // Checked on every rank, so that no rank fails alone.
     auto it = saved.find("ps.momentum");
     TANDEM_CHECK(it != saved.end(), "checkpoint file ", path, " has no parameter-server momentum (ps.momentum)");
+    auto* server = step.server();
+    if (!server) return;  // workers keep no optimiser state
     json j = json::parse(ckpt::read_file(ckpt, kStateFile));
     const int64_t updates = j.at("ps_updates").get<int64_t>();
     auto r = server->layout().shard(server->shard_index());

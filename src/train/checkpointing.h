@@ -3,7 +3,7 @@
 // take one together, and how a run resumes from one. Internal to train/; the
 // files, their atomic write and their checksums are ckpt/'s.
 //
-// A checkpoint (ckpt/<step>/) holds
+// A checkpoint (<checkpoint dir>/ckpt-<step>/) holds
 //   model.pt    the parameters and buffers, a PyTorch state_dict (torch.load reads it)
 //   optim.pt    the optimiser state: SGD momentum per parameter name (ddp, ring),
 //               or the servers' momentum as one flat tensor (ps)
@@ -45,7 +45,6 @@ class Checkpointer {
   // end of each epoch only.
   Checkpointer(const TrainOptions& o, const Roles& roles, comm::CommunicatorPtr comm, nlohmann::json fingerprint);
   ~Checkpointer();
-  bool enabled() const { return !dir_.empty(); }
   // The next global step > `global_step` at which a mid-epoch checkpoint is
   // due (a large number when none is).
   int64_t next_due(int64_t global_step) const;
@@ -75,7 +74,7 @@ class Checkpointer {
 // data, the strategy, the seed; for the parameter server also its shards
 // (servers, mode, world size). ddp and ring re-shard to another world size.
 nlohmann::json fingerprint(const TrainOptions& o, const Roles& roles, int world,
-                           const std::vector<int64_t>& sample_shape, int64_t num_classes);
+                           const std::vector<int64_t>& sample_shape, int64_t num_classes, int64_t train_size);
 
 // Resuming. find_resume_point is collective: rank 0 picks the checkpoint
 // (`--resume PATH` or the newest good one, falling back past damaged ones
@@ -88,7 +87,7 @@ std::optional<std::string> find_resume_point(const TrainOptions& o, comm::Commun
 // the carried sums. `steps_redone` and `restarts` are updated from the
 // progress record and the launcher's restart count.
 TrainState load_state(const std::string& ckpt, const TrainOptions& o, const Roles& roles, int world, int rank,
-                      const std::vector<int64_t>& sample_shape, int64_t num_classes, bool log);
+                      const nlohmann::json& fingerprint, bool log);
 // The CPU generator's state, once the model is built (its init draws from it).
 void restore_rng(const at::Tensor& state);
 // Parameters and buffers into `model` (before the synchroniser is built).
@@ -96,7 +95,9 @@ void load_model(const std::string& ckpt, torch::nn::Module& model);
 // Momentum into the optimiser, or into this rank's parameter server.
 void load_optimizer(const std::string& ckpt, DataParallelStep& step, const Roles& roles);
 
-// The restart count the launcher set for this attempt (0 for the first).
+// The restart count of this attempt (0 for the first): TANDEM_RESTART_COUNT
+// (tandem launch), else TORCHELASTIC_RESTART_COUNT (torchrun), else
+// SLURM_RESTART_COUNT.
 int restart_count();
 
 }  // namespace tandem::train

@@ -153,7 +153,15 @@ StepOutput DataParallelStep::run(data::Batch& batch, int64_t step, int64_t steps
 }
 
 void DataParallelStep::consolidate() {
-  if (roles_.ps) sync::ps::finalize_epoch(*model_.module, *comm_, roles_.pso);
+  if (roles_.ps) {
+    sync::ps::finalize_epoch(*model_.module, *comm_, roles_.pso);
+  } else if (gsync_) {
+    // Buffers (batch-norm statistics) are each rank's own during the epoch;
+    // rank 0's go to all, as PyTorch DDP's broadcast_buffers does, so that
+    // evaluation and checkpoints see one model.
+    torch::NoGradGuard guard;
+    for (auto& b : model_.module->buffers(/*recurse=*/true)) comm_->broadcast(b, 0);
+  }
 }
 
 Tally evaluate(const models::Model& m, data::Loader& loader, const std::vector<int64_t>& indices,

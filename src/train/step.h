@@ -58,8 +58,9 @@ class DataParallelStep {
   // Forward, backward, synchronisation and update on one batch; `step` of
   // `steps` in this epoch decides the --grad-accum boundaries.
   StepOutput run(data::Batch& batch, int64_t step, int64_t steps);
-  // Makes every rank hold the current parameters (ps: the servers'; a
-  // collective). Called at the end of an epoch and before a checkpoint.
+  // Makes every rank hold the same model (ps: the servers' parameters; ddp
+  // and ring: rank 0's buffers; a collective). Called at the end of an epoch
+  // and before a checkpoint.
   void consolidate();
 
   const models::Model& model() const { return model_; }

@@ -194,8 +194,14 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
   pp_ = plan_pipeline(o, ds_.sample_shape, buffer_memory(plan_.data, o.local_world_size));
   // Resuming is said even with --quiet: it changes what the run does.
   const bool says = rank_ == roles_.log_rank;
+  // Before the first collective: a rank that cannot make its checkpoint
+  // directory fails alone, and the others would wait.
+  ckpt_ = std::make_unique<Checkpointer>(o, roles_, comm_, fingerprint(o, roles_, world_, ds_.sample_shape,
+                                                                       ds_.num_classes, ds_.train->size()));
   resume_ = find_resume_point(o, *comm_, says);  // collective when resuming
-  if (resume_) st_ = load_state(*resume_, o, roles_, world_, rank_, ds_.sample_shape, ds_.num_classes, says);
+  if (resume_)
+    st_ = load_state(*resume_, o, roles_, world_, rank_,
+                     fingerprint(o, roles_, world_, ds_.sample_shape, ds_.num_classes, ds_.train->size()), says);
 
   torch::manual_seed(o.seed);
   models::Model model = models::make_model({o.model, ds_.num_classes, ds_.sample_shape});
@@ -235,6 +241,11 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
     st_.result.start_time = iso_time_now();
     st_.result.restarts = restart_count();
   }
+  // Checkpoints keep the results so far in this schema.
+  st_.result.method = method_name(o.strategy);
+  st_.result.world_size = world_;
+  st_.result.num_workers = roles_.trainers;
+  st_.result.batch_size = static_cast<int>(o.batch_size);
 
   data::LoaderOptions lo;
   lo.batch_size = o.batch_size;
@@ -266,8 +277,6 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
     observers_.push_back(std::make_unique<TimelineObserver>(st_.result.timeline, *loader_, pp_.num_workers,
                                                             run_start_, t0, trace_));
   }
-  ckpt_ = std::make_unique<Checkpointer>(o, roles_, comm_,
-                                         fingerprint(o, roles_, world_, ds_.sample_shape, ds_.num_classes));
 }
 
 void Trainer::run_segment(int64_t end, int64_t steps, EpochSums& sums) {
@@ -345,13 +354,13 @@ void Trainer::train_epoch() {
     s.fill_samples += static_cast<double>(now.fill_samples - before.fill_samples);
     return s;
   };
+  const int64_t ga = o_.grad_accum;
   while (st_.step < steps) {
-    const int64_t due = ckpt_->next_due(st_.global_step);
-    const int64_t end = std::min(steps, st_.step + (due - st_.global_step));
+    const int64_t to_due = ckpt_->next_due(st_.global_step) - st_.global_step;  // huge when none is due
+    // A mid-epoch checkpoint waits for the end of the gradient accumulation cycle.
+    const int64_t end = to_due >= steps - st_.step ? steps : std::min(steps, (st_.step + to_due + ga - 1) / ga * ga);
     run_segment(end, steps, sums);
-    // Mid-epoch checkpoints fall where the gradient accumulation is complete.
-    if (st_.global_step == due && st_.step < steps && st_.step % o_.grad_accum == 0)
-      ckpt_->take(st_, with_loader(sums), seconds_since(t_epoch), *step_);
+    if (st_.step < steps) ckpt_->take(st_, with_loader(sums), seconds_since(t_epoch), *step_);
   }
   if (!roles_.server) TANDEM_ASSERT(!loader_->next(), "rank ", rank_, " has batches left after ", steps, " steps");
   const double local_seconds = seconds_since(t_epoch);

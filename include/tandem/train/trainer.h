@@ -2,7 +2,7 @@
 // Training: the loop every strategy shares.
 //
 // run_training() is the one call the command line makes, once per rank. It
-// builds a Trainer (src/train/trainer_loop.h): the step loop, which feeds
+// builds a Trainer (src/train/trainer.cpp): the step loop, which feeds
 // batches from the Loader to a Step (forward, backward, gradient sync,
 // optimiser; src/train/step.h) and tells its observers (progress bar, trace,
 // utilisation timeline, checkpointer; src/train/observers.h) after each step
