@@ -37,7 +37,7 @@ std::vector<uint8_t> read_file(const std::string& path) {
   gzFile gz = gzopen(path.c_str(), "rb");
   TANDEM_CHECK(gz, path, ": cannot open");
   std::vector<uint8_t> out;
-  std::vector<uint8_t> chunk(1 << 20);
+  std::vector<uint8_t> chunk(1 << 16);
   for (;;) {
     int n = gzread(gz, chunk.data(), static_cast<unsigned>(chunk.size()));
     if (n < 0) {
@@ -69,11 +69,15 @@ at::Tensor read_idx_images(const std::string& path) {
   TANDEM_CHECK(magic == kImagesMagic, path, ": wrong magic number 0x", std::hex, magic, std::dec,
                " at byte 0 (expected 0x00000803 for IDX images; is this a labels file?)");
   int64_t n = be32(b, 4), rows = be32(b, 8), cols = be32(b, 12);
-  size_t need = 16 + size_t(n) * rows * cols;
-  TANDEM_CHECK(b.size() >= need, path, ": truncated: header declares ", n, " images of ", rows, "x", cols, " (",
-               need, " bytes) but the file holds ", b.size(), " bytes");
+  // Each count is below 2^32, so rows * cols fits in 64 bits but n * rows * cols
+  // may not: compare by division, so a product that wraps cannot pass.
+  const uint64_t per_image = uint64_t(rows) * uint64_t(cols);
+  TANDEM_CHECK(per_image == 0 || uint64_t(n) <= (b.size() - 16) / per_image, path, ": truncated: header declares ",
+               n, " images of ", rows, "x", cols, " (", static_cast<long double>(n) * per_image,
+               " bytes of pixels) but the file holds ", b.size() - 16, " after the header");
+  const size_t need = 16 + size_t(n * per_image);
   auto t = torch::empty({n, rows, cols}, torch::kUInt8);
-  std::memcpy(t.data_ptr<uint8_t>(), b.data() + 16, need - 16);
+  if (need > 16) std::memcpy(t.data_ptr<uint8_t>(), b.data() + 16, need - 16);
   return t;
 }
 
@@ -87,7 +91,7 @@ at::Tensor read_idx_labels(const std::string& path) {
   TANDEM_CHECK(b.size() >= size_t(8 + n), path, ": truncated: header declares ", n, " labels but the file holds ",
                b.size() - 8);
   auto t = torch::empty({n}, torch::kUInt8);
-  std::memcpy(t.data_ptr<uint8_t>(), b.data() + 8, n);
+  if (n > 0) std::memcpy(t.data_ptr<uint8_t>(), b.data() + 8, n);
   return t.to(torch::kInt64);
 }
 

@@ -43,6 +43,18 @@ bool is_png(const uint8_t* d, size_t n) {
   return n >= 8 && std::memcmp(d, sig, 8) == 0;
 }
 
+// Decoders allocate the whole image before reading a pixel, so a header alone
+// (a few bytes) can ask for terabytes. 2^27 pixels (11585 x 11585) is far
+// beyond any training image and keeps the largest buffer (16-bit RGB) under
+// 1 GB; PIL refuses 178 M pixels by default.
+constexpr int64_t kMaxPixels = int64_t(1) << 27;
+
+void check_pixels(int64_t width, int64_t height, const char* format, const std::string& name) {
+  TANDEM_CHECK(width * height <= kMaxPixels, "cannot decode ", format, " '", name, "': ", width, "x", height,
+               " pixels is more than tandem decodes (", kMaxPixels, " pixels); a corrupt header, or an image "
+               "to scale down first");
+}
+
 // uint8 [H,W,Cin] -> uint8 [H,W,Cout]; Cin in {1,3}, Cout in {0,1,3} (0: keep).
 at::Tensor convert_channels(at::Tensor hwc, int channels) {
   const int64_t c = hwc.size(2);
@@ -99,6 +111,7 @@ at::Tensor decode_jpeg(const uint8_t* data, size_t size, const std::string& name
   if (tjDecompressHeader3(tj.h, buf, static_cast<unsigned long>(size), &width, &height, &subsamp, &colorspace) != 0)
     TANDEM_FAIL("cannot decode JPEG '", name, "': ", tj_message(tj.h));
   TANDEM_CHECK(width > 0 && height > 0, "cannot decode JPEG '", name, "': bad size ", width, "x", height);
+  check_pixels(width, height, "JPEG", name);
   const int native = colorspace == TJCS_GRAY ? 1 : 3;
   const int out_c = channels == 0 ? native : channels;
   auto out = at::empty({height, width, out_c}, at::kByte);
@@ -114,7 +127,25 @@ at::Tensor decode_jpeg(const uint8_t* data, size_t size, const std::string& name
 #endif
 
 #if TANDEM_HAVE_PNG
+// libpng allocates a chunk's declared length before reading its data, so a
+// 100-byte file can make it ask for 2 GB. The whole file is in memory: refuse
+// a chunk that runs past its end before libpng sees it.
+void check_png_chunks(const uint8_t* data, size_t size, const std::string& name) {
+  size_t off = 8;  // after the signature
+  while (size - off >= 12) {
+    const size_t len = (size_t(data[off]) << 24) | (size_t(data[off + 1]) << 16) | (size_t(data[off + 2]) << 8) |
+                       size_t(data[off + 3]);
+    TANDEM_CHECK(len <= size - off - 12, "cannot decode PNG '", name, "': chunk '",
+                 std::string(reinterpret_cast<const char*>(data) + off + 4, 4), "' at byte ", off, " declares ", len,
+                 " bytes but only ", size - off - 12, " follow (truncated or corrupt file)");
+    if (std::memcmp(data + off + 4, "IEND", 4) == 0) return;
+    off += 12 + len;
+  }
+  // No IEND: libpng reports the truncation.
+}
+
 at::Tensor decode_png(const uint8_t* data, size_t size, const std::string& name, int channels) {
+  check_png_chunks(data, size, name);
   png_image image;
   std::memset(&image, 0, sizeof(image));
   image.version = PNG_IMAGE_VERSION;
@@ -125,6 +156,10 @@ at::Tensor decode_png(const uint8_t* data, size_t size, const std::string& name,
   const bool sixteen = (image.format & PNG_FORMAT_FLAG_LINEAR) != 0 && !alpha;
   const int64_t c = (color ? 3 : 1) + (alpha ? 1 : 0);
   const int64_t h = image.height, w = image.width;
+  if (w * h > kMaxPixels) {
+    png_image_free(&image);  // releases the decoder before check_pixels throws
+    check_pixels(w, h, "PNG", name);
+  }
   image.format = (color ? PNG_FORMAT_FLAG_COLOR : 0u) | (alpha ? PNG_FORMAT_FLAG_ALPHA : 0u) |
                  (sixteen ? PNG_FORMAT_FLAG_LINEAR : 0u);
   at::Tensor raw = at::empty({h, w, c}, sixteen ? at::kShort : at::kByte);

@@ -39,28 +39,26 @@ struct PyVal {
   at::Tensor tensor;  // Tensor; Storage: the flat storage
 };
 
-Val make(Kind k) {
-  auto v = std::make_shared<PyVal>();
-  v->kind = k;
-  return v;
-}
-Val make_int(int64_t i) {
-  auto v = make(Kind::Int);
-  v->i = i;
-  return v;
-}
-Val make_str(std::string s, Kind k = Kind::Str) {
-  auto v = make(k);
-  v->s = std::move(s);
-  return v;
-}
-
 using StorageLoader = std::function<at::Tensor(const std::string& key, at::ScalarType dtype)>;
 
 class Unpickler {
  public:
   Unpickler(const uint8_t* data, size_t size, std::string file, StorageLoader loader)
       : p_(data), end_(data + size), file_(std::move(file)), loader_(std::move(loader)) {}
+  // Note [Unpickled values are freed flat]: a file can nest values as deep as
+  // it is long (']' then one TUPLE1 per byte) and make cycles (a list that
+  // APPENDs itself through the memo). Each value is also held in all_, and
+  // here every value drops its children before any value is freed, so no
+  // destructor recurses and no cycle outlives the Unpickler. Values returned
+  // by run() are valid while the Unpickler lives.
+  ~Unpickler() {
+    for (auto& v : all_) {
+      v->items.clear();
+      v->dict.clear();
+    }
+  }
+  Unpickler(const Unpickler&) = delete;
+  Unpickler& operator=(const Unpickler&) = delete;
 
   Val run() {
     while (true) {
@@ -119,7 +117,11 @@ class Unpickler {
         case 'j': push(memo(u32())); break;          // LONG_BINGET
         case 'J': push(make_int(static_cast<int32_t>(u32()))); break;  // BININT
         case 'K': push(make_int(u8())); break;       // BININT1
-        case 'M': push(make_int(static_cast<uint16_t>(u8() | (u8() << 8)))); break;  // BININT2
+        case 'M': {                                  // BININT2
+          const uint8_t* b = take(2);  // one read: u8() | u8() << 8 leaves the order unspecified
+          push(make_int(b[0] | b[1] << 8));
+          break;
+        }
         case 0x8a: push(make_int(long_le(u8()))); break;  // LONG1
         case 0x8b: push(make_int(long_le(u32()))); break;  // LONG4
         case 'I': case 'L': {                        // INT / LONG (text)
@@ -212,6 +214,23 @@ class Unpickler {
   }
 
  private:
+  Val make(Kind k) {
+    auto v = std::make_shared<PyVal>();
+    v->kind = k;
+    all_.push_back(v);
+    return v;
+  }
+  Val make_int(int64_t i) {
+    auto v = make(Kind::Int);
+    v->i = i;
+    return v;
+  }
+  Val make_str(std::string s, Kind k = Kind::Str) {
+    auto v = make(k);
+    v->s = std::move(s);
+    return v;
+  }
+
   [[noreturn]] void bad(const std::string& what) const {
     TANDEM_FAIL("cannot read weights file '", file_, "': malformed or unsupported pickle data (", what, ")");
   }
@@ -284,7 +303,7 @@ class Unpickler {
     if (v->kind != k) bad(std::string(op) + " on the wrong type");
     return v;
   }
-  static Val seq(Kind k, std::vector<Val> items) {
+  Val seq(Kind k, std::vector<Val> items) {
     auto v = make(k);
     v->items = std::move(items);
     return v;
@@ -293,7 +312,7 @@ class Unpickler {
     if (kv.size() % 2) bad("odd number of dict items");
     for (size_t k = 0; k < kv.size(); k += 2) d.dict.emplace_back(kv[k], kv[k + 1]);
   }
-  static Val object(const Val& cls, const Val& args) {
+  Val object(const Val& cls, const Val& args) {
     auto o = make(Kind::Object);
     o->items = {cls, args};
     return o;
@@ -312,7 +331,7 @@ class Unpickler {
     return out;
   }
 
-  Val call(const Val& fn, const Val& args) {
+  Val call(const Val& fn, const Val& args, int depth = 0) {
     if (fn->kind != Kind::Global) return object(fn, args);
     const std::string full = fn->s + "." + fn->name;
     if (full == "collections.OrderedDict") {
@@ -329,18 +348,22 @@ class Unpickler {
       auto size = ints(arg(args, 2, full), full);
       auto stride = ints(arg(args, 3, full), full);
       if (size.size() != stride.size()) bad(full + ": size and stride differ in length");
-      int64_t last = offset;
-      bool empty = false;
+      if (offset < 0) bad(full + ": negative storage offset");
+      int64_t last = offset;  // the last element's index in the storage
+      bool empty = false, overflow = false;
       for (size_t k = 0; k < size.size(); ++k) {
         if (size[k] < 0 || stride[k] < 0) bad(full + ": negative size or stride");
         if (size[k] == 0) empty = true;
-        last += (size[k] - 1) * stride[k];
+        int64_t span = 0;
+        overflow = overflow || __builtin_mul_overflow(size[k] - 1, stride[k], &span) ||
+                   __builtin_add_overflow(last, span, &last);
       }
+      if (overflow && !empty) bad(full + ": tensor extends past its storage '" + storage->s + "'");
       auto t = make(Kind::Tensor);
       if (empty) {
         t->tensor = at::empty(size, storage->tensor.options());
       } else {
-        if (offset < 0 || last >= storage->tensor.numel())
+        if (last >= storage->tensor.numel())
           bad(full + ": tensor extends past its storage '" + storage->s + "'");
         t->tensor = storage->tensor.as_strided(size, stride, offset);
       }
@@ -351,8 +374,11 @@ class Unpickler {
         full == "torch.jit._pickle.build_doublelist" || full == "torch.jit._pickle.build_boollist" ||
         full == "torch.jit._pickle.build_tensorlist")
       return arg(args, 0, full);
-    if (full == "torch._tensor._rebuild_from_type_v2" || full == "torch._tensor._rebuild_from_type")
-      return call(arg(args, 0, full), arg(args, 2, full));
+    if (full == "torch._tensor._rebuild_from_type_v2" || full == "torch._tensor._rebuild_from_type") {
+      // It wraps another rebuild call; a file can chain it once per few bytes.
+      if (depth >= 8) bad(full + " nested more than 8 deep");
+      return call(arg(args, 0, full), arg(args, 2, full), depth + 1);
+    }
     if (full.rfind("torch._utils._rebuild_", 0) == 0)
       TANDEM_FAIL("cannot read weights file '", file_, "': it holds a tensor kind tandem does not load (", full,
                   "); save plain dense tensors");
@@ -396,6 +422,7 @@ class Unpickler {
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, Val> memo_;
   std::unordered_map<std::string, at::Tensor> storages_;
+  std::vector<Val> all_;  // every value made; see Note [Unpickled values are freed flat]
 };
 
 std::string shape_str(at::IntArrayRef s) {
