@@ -28,20 +28,27 @@ void ProgressObserver::epoch_begin(int epoch, int64_t steps, int64_t first_step)
                  static_cast<long long>(first_step), static_cast<long long>(steps));
   t_train_ = Clock::now();
   wait_before_ = loader_.stats().wait_seconds;
+  count_before_ = -1;
 }
 
 void ProgressObserver::after_step(const StepEvent& e) {
-  if (!enabled_ || !bar_->due(e.step)) return;
+  if (!enabled_) return;
+  // A resumed epoch's sums start with what was done before the checkpoint:
+  // the rate counts only this run's samples.
+  if (count_before_ < 0) count_before_ = e.sums.count - e.out.count;
+  if (!bar_->due(e.step)) return;
   const double el = seconds_since(t_train_);
   const auto& s = e.sums;
   bar_->update(e.step, fmt("loss %.4f acc %.3f %.0f img/s stall %.1f%%", s.loss_sum / s.count, s.correct / s.count,
-                           s.count * trainers_ / el, 100.0 * (loader_.stats().wait_seconds - wait_before_) / el));
+                           (s.count - count_before_) * trainers_ / el,
+                           100.0 * (loader_.stats().wait_seconds - wait_before_) / el));
 }
 
 void ProgressObserver::epoch_trained(int epoch, int64_t steps, const EpochSums& s) {
   if (!bar_) return;
   bar_->finish(fmt("loss %.4f acc %.3f %.0f img/s (%.0f steps)", s.loss_sum / std::max(1.0, s.count),
-                   s.correct / std::max(1.0, s.count), s.count * trainers_ / seconds_since(t_train_),
+                   s.correct / std::max(1.0, s.count),
+                   (s.count - std::max(0.0, count_before_)) * trainers_ / seconds_since(t_train_),
                    static_cast<double>(steps)));
 }
 

@@ -65,6 +65,7 @@ class ProgressObserver : public Observer {
   std::unique_ptr<obs::ProgressBar> bar_;
   Clock::time_point t_train_;
   double wait_before_ = 0;
+  double count_before_ = -1;  // samples in the sums before this run's first step of the epoch
 };
 
 class TraceObserver : public Observer {
