@@ -612,8 +612,9 @@ CommunicatorPtr make_checked(CommunicatorPtr inner, c10::intrusive_ptr<c10d::Sto
   return std::make_shared<CheckedCommunicator>(std::move(inner), std::move(store), std::move(opts));
 }
 
-OpLabel::OpLabel(std::string name)
-    : name_(std::make_shared<const std::string>(std::move(name))), prev_(tls_label) {
+OpLabel::OpLabel(std::string name) : OpLabel(std::make_shared<const std::string>(std::move(name))) {}
+
+OpLabel::OpLabel(std::shared_ptr<const std::string> name) : name_(std::move(name)), prev_(tls_label) {
   tls_label = this;
 }
 

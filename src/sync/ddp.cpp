@@ -127,6 +127,7 @@ BucketedSync::BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::Comm
     b.flat = torch::zeros({n}, p.options().requires_grad(false));
     b.pending = b.slots.size();
     b.name = "bucket " + std::to_string(&b - buckets_.data());
+    b.label = std::make_shared<const std::string>(b.name + " all-reduce");
     if (opts.compression == Compression::kFp16 && b.flat.scalar_type() == at::kFloat)
       b.wire = torch::zeros({n}, b.flat.options().dtype(at::kHalf));
   }
@@ -192,7 +193,7 @@ void BucketedSync::launch_bucket_locked(Bucket& b) {
   b.launched = true;
   b.launched_at = Clock::now();
   // Names the collective in stall reports and --check-collectives errors.
-  comm::OpLabel label("bucket " + std::to_string(&b - buckets_.data()) + " all-reduce");
+  comm::OpLabel label(b.label);
   if (b.wire.defined()) {
     // Divide first: the float16 sum of the world's shares cannot overflow
     // where the fp32 gradients fit.

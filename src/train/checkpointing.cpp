@@ -99,31 +99,6 @@ at::Tensor from_hex(const std::string& s, const std::string& where) {
   return t;
 }
 
-json sums_to_json(const std::vector<double>& v, size_t losses) {
-  json j{{"loss_sum", v[0]},    {"correct", v[1]},     {"count", v[2]},       {"comm", v[3]},
-         {"pull", v[4]},        {"push", v[5]},        {"wait", v[6]},        {"data_wait", v[7]},
-         {"worker_busy", v[8]}, {"fill_sum", v[9]},    {"fill_samples", v[10]}};
-  j["step_losses"] = std::vector<double>(v.begin() + 11, v.begin() + 11 + static_cast<std::ptrdiff_t>(losses));
-  return j;
-}
-
-EpochSums sums_from_json(const json& j) {
-  EpochSums s;
-  s.loss_sum = j.at("loss_sum").get<double>();
-  s.correct = j.at("correct").get<double>();
-  s.count = j.at("count").get<double>();
-  s.comm = j.at("comm").get<double>();
-  s.pull = j.at("pull").get<double>();
-  s.push = j.at("push").get<double>();
-  s.wait = j.at("wait").get<double>();
-  s.data_wait = j.at("data_wait").get<double>();
-  s.worker_busy = j.at("worker_busy").get<double>();
-  s.fill_sum = j.at("fill_sum").get<double>();
-  s.fill_samples = j.at("fill_samples").get<double>();
-  s.step_losses = j.at("step_losses").get<std::vector<double>>();
-  return s;
-}
-
 int64_t read_progress(const std::string& dir) {
   std::ifstream f(fs::path(dir) / kProgressFile);
   if (!f) return -1;
@@ -245,11 +220,7 @@ void Checkpointer::take(const TrainState& st, const EpochSums& sums, double trai
   step.consolidate();
   // The epoch's sums so far, over all ranks (rank 0's include what it carried
   // from an earlier resume).
-  std::vector<double> v{sums.loss_sum, sums.correct, sums.count,     sums.comm,       sums.pull,        sums.push,
-                        sums.wait,     sums.data_wait, sums.worker_busy, sums.fill_sum, sums.fill_samples};
-  v.insert(v.end(), sums.step_losses.begin(), sums.step_losses.end());
-  auto total = torch::tensor(v, torch::kFloat64);
-  comm_->all_reduce(total);
+  const EpochSums total = sum_over_ranks(sums, *comm_);
   auto slowest = torch::tensor({train_seconds}, torch::kFloat64);
   comm_->all_reduce(slowest, comm::ReduceOp::kMax);
   // The parameter servers' momentum, gathered on rank 0 (server 0).
@@ -270,7 +241,6 @@ void Checkpointer::take(const TrainState& st, const EpochSums& sums, double trai
   }
   if (comm_->rank() != 0) return;
 
-  const double* t = total.data_ptr<double>();
   const int64_t position =
       st.start_position + (st.step - st.done_before) * o_.batch_size * static_cast<int64_t>(roles_.trainers);
   json state{{"epoch", st.epoch},
@@ -278,7 +248,7 @@ void Checkpointer::take(const TrainState& st, const EpochSums& sums, double trai
              {"global_step", st.global_step},
              {"position", position},
              {"elapsed", st.elapsed + slowest.item<double>()},
-             {"sums", sums_to_json(std::vector<double>(t, t + total.numel()), sums.step_losses.size())},
+             {"sums", total.to_vector()},  // EpochSums::to_vector's layout
              {"result", to_json(st.result)},
              {"rng", to_hex(at::detail::getDefaultCPUGenerator().get_state())},
              {"ps_updates", ps_updates},
@@ -386,6 +356,7 @@ TrainState load_state(const std::string& ckpt, const TrainOptions& o, const Role
         std::fprintf(stderr, "[tandem] note: resuming %d ranks' run on %d: the rest of the epoch is re-sharded\n",
                      j.at("trainers").get<int>(), roles.trainers);
     }
+    st.ps_updates = j.at("ps_updates").get<int64_t>();
     st.epoch = j.at("epoch").get<int>();
     st.step = j.at("step").get<int64_t>();
     st.global_step = j.at("global_step").get<int64_t>();
@@ -398,7 +369,7 @@ TrainState load_state(const std::string& ckpt, const TrainOptions& o, const Role
                    "(raise --epochs to train further)\n", ckpt.c_str(), st.epoch - 1, st.epoch == 2 ? "" : "s",
                    o.epochs);
     if (rank == 0) {
-      st.carried = sums_from_json(j.at("sums"));
+      st.carried = EpochSums::from_vector(j.at("sums").get<std::vector<double>>());
       // Per-step losses are summed over ranks and divided by the training
       // ranks at the epoch's end: rescale the earlier ranks' sums to this world.
       const double scale = static_cast<double>(roles.trainers) / j.at("trainers").get<double>();
@@ -426,7 +397,7 @@ void load_model(const std::string& ckpt, torch::nn::Module& model) {
   models::load_weights(model, (fs::path(ckpt) / kModelFile).string());
 }
 
-void load_optimizer(const std::string& ckpt, DataParallelStep& step, const Roles& roles) {
+void load_optimizer(const std::string& ckpt, const TrainState& st, DataParallelStep& step, const Roles& roles) {
   const std::string path = (fs::path(ckpt) / kOptimFile).string();
   std::map<std::string, at::Tensor> saved;
   for (auto& [k, v] : models::read_weights(path)) saved.emplace(k, v);
@@ -437,8 +408,7 @@ void load_optimizer(const std::string& ckpt, DataParallelStep& step, const Roles
     TANDEM_CHECK(it != saved.end(), "checkpoint file ", path, " has no parameter-server momentum (ps.momentum)");
     auto* server = step.server();
     if (!server) return;  // workers keep no optimiser state
-    json j = json::parse(ckpt::read_file(ckpt, kStateFile));
-    const int64_t updates = j.at("ps_updates").get<int64_t>();
+    const int64_t updates = st.ps_updates;
     auto r = server->layout().shard(server->shard_index());
     TANDEM_CHECK(it->second.numel() == server->layout().total(), "checkpoint file ", path, ": ps.momentum has ",
                  it->second.numel(), " elements, the model ", server->layout().total());

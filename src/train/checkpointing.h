@@ -37,6 +37,7 @@ struct TrainState {
   EpochSums carried;           // all ranks' sums of those steps (added by rank 0 only)
   RunResult result;            // finished epochs, per-step losses, timeline, restarts
   at::Tensor rng;              // the CPU generator's state (restore_rng)
+  int64_t ps_updates = 0;      // updates the parameter servers had applied
 };
 
 class Checkpointer {
@@ -93,7 +94,7 @@ void restore_rng(const at::Tensor& state);
 // Parameters and buffers into `model` (before the synchroniser is built).
 void load_model(const std::string& ckpt, torch::nn::Module& model);
 // Momentum into the optimiser, or into this rank's parameter server.
-void load_optimizer(const std::string& ckpt, DataParallelStep& step, const Roles& roles);
+void load_optimizer(const std::string& ckpt, const TrainState& state, DataParallelStep& step, const Roles& roles);
 
 // The restart count of this attempt (0 for the first): TANDEM_RESTART_COUNT
 // (tandem launch), else TORCHELASTIC_RESTART_COUNT (torchrun), else

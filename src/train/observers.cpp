@@ -5,6 +5,10 @@
 #include <cstdio>
 #include <string>
 
+#include <torch/torch.h>
+
+#include "tandem/util/check.h"
+
 namespace tandem::train {
 namespace {
 
@@ -15,6 +19,34 @@ std::string fmt(const char* f, double a, double b, double c, double d) {
 }
 
 }  // namespace
+
+namespace {
+constexpr size_t kScalars = 12;
+}  // namespace
+
+std::vector<double> EpochSums::to_vector() const {
+  std::vector<double> v{loss_sum, correct, count,    comm,        pull,         push,
+                        wait,     data_wait, worker_busy, fill_sum, fill_samples, bad_samples};
+  v.insert(v.end(), step_losses.begin(), step_losses.end());
+  return v;
+}
+
+EpochSums EpochSums::from_vector(const std::vector<double>& v) {
+  TANDEM_CHECK(v.size() >= kScalars, "epoch sums: ", v.size(), " numbers, expected at least ", kScalars);
+  EpochSums s;
+  s.loss_sum = v[0], s.correct = v[1], s.count = v[2], s.comm = v[3], s.pull = v[4], s.push = v[5];
+  s.wait = v[6], s.data_wait = v[7], s.worker_busy = v[8], s.fill_sum = v[9], s.fill_samples = v[10];
+  s.bad_samples = v[11];
+  s.step_losses.assign(v.begin() + kScalars, v.end());
+  return s;
+}
+
+EpochSums sum_over_ranks(const EpochSums& s, comm::Communicator& comm) {
+  auto t = torch::tensor(s.to_vector(), torch::kFloat64);
+  comm.all_reduce(t);
+  const double* p = t.data_ptr<double>();
+  return EpochSums::from_vector(std::vector<double>(p, p + t.numel()));
+}
 
 ProgressObserver::ProgressObserver(int epochs, int trainers, const data::Loader& loader, bool enabled, bool ps,
                                    const Datasets* bad_sample_report)

@@ -24,8 +24,17 @@ struct EpochSums {
   double comm = 0, pull = 0, push = 0, wait = 0;  // seconds, over synchronised steps
   // Loader counters since the epoch began (folded in at its end).
   double data_wait = 0, worker_busy = 0, fill_sum = 0, fill_samples = 0;
+  double bad_samples = 0;           // undecodable images replaced so far (the dataset's running count)
   std::vector<double> step_losses;  // one per step of the epoch
+
+  // The scalars, then the per-step losses: the layout the ranks sum and a
+  // checkpoint stores.
+  std::vector<double> to_vector() const;
+  static EpochSums from_vector(const std::vector<double>& v);
 };
+
+// The element-wise sum of every rank's sums (a collective).
+EpochSums sum_over_ranks(const EpochSums& s, comm::Communicator& comm);
 
 struct StepEvent {
   int epoch = 0;

@@ -236,7 +236,7 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
   }
   if (resume_) {
     restore_rng(st_.rng);
-    load_optimizer(*resume_, *step_, roles_);
+    load_optimizer(*resume_, st_, *step_, roles_);
   } else {
     st_.result.start_time = iso_time_now();
     st_.result.restarts = restart_count();
@@ -383,40 +383,33 @@ void Trainer::train_epoch() {
 
 EpochResult Trainer::combine(EpochSums& s, int64_t steps, double local_seconds) {
   // Sums across ranks, and the slowest rank's time.
-  const double bad = ds_.train_folder ? static_cast<double>(ds_.train_folder->bad_samples()) : 0.0;
-  auto sums = torch::tensor({s.loss_sum, s.correct, s.count, s.comm, s.pull, s.push, s.wait, s.data_wait,
-                             s.worker_busy, s.fill_sum, s.fill_samples, bad},
-                            torch::kFloat64);
-  comm_->all_reduce(sums);
+  s.bad_samples = ds_.train_folder ? static_cast<double>(ds_.train_folder->bad_samples()) : 0.0;
+  const EpochSums g = sum_over_ranks(s, *comm_);
   auto tmax = torch::tensor({local_seconds}, torch::kFloat64);
   comm_->all_reduce(tmax, comm::ReduceOp::kMax);
-  auto losses = torch::tensor(s.step_losses, torch::kFloat64);
-  comm_->all_reduce(losses);
-  const double* v = sums.data_ptr<double>();
   const double tt = tmax.item<double>() + st_.elapsed;
   const double T = roles_.trainers;
   const double syncs = static_cast<double>((steps + o_.grad_accum - 1) / o_.grad_accum);
   EpochResult er;
   er.epoch = st_.epoch;
   er.train_time = tt;
-  er.train_loss = v[0] / std::max(1.0, v[2]);
-  er.train_accuracy = v[1] / std::max(1.0, v[2]);
-  er.train_throughput = v[2] / tt;
+  er.train_loss = g.loss_sum / std::max(1.0, g.count);
+  er.train_accuracy = g.correct / std::max(1.0, g.count);
+  er.train_throughput = g.count / tt;
   er.avg_batch_time = tt / static_cast<double>(steps);
   if (roles_.ps) {
-    er.avg_comm_time_pull = v[4] / syncs / T;
-    er.avg_comm_time_push = v[5] / syncs / T;
+    er.avg_comm_time_pull = g.pull / syncs / T;
+    er.avg_comm_time_push = g.push / syncs / T;
   } else {
-    er.avg_comm_time = v[3] / syncs / T;
-    er.avg_comm_wait = v[6] / syncs / T;
+    er.avg_comm_time = g.comm / syncs / T;
+    er.avg_comm_wait = g.wait / syncs / T;
   }
-  er.pipeline.stall_fraction = v[7] / T / tt;
-  er.pipeline.data_busy_pct = 100.0 * v[8] / T / (tt * std::max(1, pp_.num_workers));
+  er.pipeline.stall_fraction = g.data_wait / T / tt;
+  er.pipeline.data_busy_pct = 100.0 * g.worker_busy / T / (tt * std::max(1, pp_.num_workers));
   er.pipeline.model_busy_pct = 100.0 * (1.0 - er.pipeline.stall_fraction);
-  er.pipeline.mean_buffer_fill = v[9] / std::max(1.0, v[10]);
-  er.pipeline.bad_samples = static_cast<int64_t>(v[11]);
-  const double* l = losses.data_ptr<double>();
-  for (int64_t i = 0; i < steps; ++i) st_.result.all_losses.push_back(l[i] / T);
+  er.pipeline.mean_buffer_fill = g.fill_sum / std::max(1.0, g.fill_samples);
+  er.pipeline.bad_samples = static_cast<int64_t>(g.bad_samples);
+  for (double l : g.step_losses) st_.result.all_losses.push_back(l / T);
   return er;
 }
 

@@ -65,6 +65,8 @@ CommunicatorPtr make_checked(CommunicatorPtr inner, c10::intrusive_ptr<c10d::Sto
 class OpLabel {
  public:
   explicit OpLabel(std::string name);
+  // A label built once and reused (no allocation per collective).
+  explicit OpLabel(std::shared_ptr<const std::string> name);
   ~OpLabel();
   OpLabel(const OpLabel&) = delete;
   OpLabel& operator=(const OpLabel&) = delete;

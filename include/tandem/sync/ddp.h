@@ -79,6 +79,7 @@ class BucketedSync : public GradientSync {
     comm::RequestPtr request;
     std::chrono::steady_clock::time_point launched_at;
     std::string name;  // "bucket <index>", for trace spans
+    std::shared_ptr<const std::string> label;  // "bucket <index> all-reduce", for stall reports and checks
   };
   void on_grad(size_t param, const at::Tensor& grad);
   void launch_ready_locked();
