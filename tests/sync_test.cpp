@@ -107,7 +107,7 @@ TEST_P(Fp16Compression, GradientsTravelAsHalfAndStayClose) {
     got[rank] = train(rank, 2, 1, [&](std::shared_ptr<torch::nn::Module> m) -> sync::GradientSyncPtr {
       sync::DdpOptions o;
       o.bucket_mb = 0.05;  // several buckets
-      o.compression = sync::parse_compression("fp16");
+      o.compress = sync::parse_compress("fp16");
       if (kind == "ring") return std::make_unique<sync::RingSync>(m, c, o);
       return std::make_unique<sync::DistributedDataParallel>(m, c, o);
     });
@@ -134,9 +134,9 @@ TEST_P(Fp16Compression, GradientsTravelAsHalfAndStayClose) {
 INSTANTIATE_TEST_SUITE_P(DdpAndRing, Fp16Compression, ::testing::Values("ddp", "ring"));
 
 TEST(Ddp, UnknownCompressionNamesTheChoices) {
-  auto msg = test::error_of([] { sync::parse_compression("int8"); });
-  EXPECT_NE(msg.find("--compress int8"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("none or fp16"), std::string::npos) << msg;
+  auto msg = test::error_of([] { sync::parse_compress("int4"); });
+  EXPECT_NE(msg.find("--compress int4"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("topk:F"), std::string::npos) << msg;
 }
 
 TEST(Ddp, BucketsFollowReverseRegistrationOrder) {

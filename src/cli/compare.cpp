@@ -2,12 +2,17 @@
 // data with each method in turn (same seed, same per-rank batch), each as its
 // own local job, then runs the report over the results directory.
 #include <algorithm>
+#include <filesystem>
+#include <cctype>
+#include <cstdlib>
 #include <iostream>
+#include <set>
 #include <memory>
 #include <sstream>
 
 #include "commands.h"
 #include "tandem/report/report.h"
+#include "tandem/train/trainer.h"
 #include "tandem/util/check.h"
 #include "train_options.h"
 
@@ -50,6 +55,86 @@ std::vector<std::string> forwarded_flags() {
   return out;
 }
 
+// One entry of --methods: a method and what it changes ("ddp:powersgd:2",
+// "localsgd:8", "ps:ssp:2", "ring:int8").
+struct Variant {
+  std::string name;      // as given
+  std::string strategy;  // ddp | ring | ps
+  std::vector<std::pair<std::string, std::string>> flags;  // extra `train` flags
+  bool plain() const { return flags.empty(); }
+  // results_<label>.json, model_<label>.pt: the method's name, then the variant.
+  std::string label() const {
+    std::string l = train::method_name(strategy);
+    if (plain()) return l;
+    std::string rest = name.substr(name.find(':') == std::string::npos ? name.size() : name.find(':') + 1);
+    if (name.rfind("localsgd", 0) == 0) rest = "localsgd" + rest;
+    for (char& c : rest)
+      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.') c = '_';
+    return l + "_" + rest;
+  }
+  void apply(train::TrainOptions& o) const {
+    o.strategy = strategy;
+    for (const auto& [flag, value] : flags) {
+      if (flag == "--compress") o.compress = value;
+      else if (flag == "--sync-every") o.sync_every = std::atoi(value.c_str());
+      else if (flag == "--ps-mode") o.ps_mode = value;
+      else if (flag == "--staleness") o.staleness = std::atoi(value.c_str());
+    }
+  }
+};
+
+constexpr const char* kMethodsHelp =
+    "ddp, ring, ps; ddp:C or ring:C with a --compress value C (ddp:powersgd:2, ring:int8, ddp:topk:0.01); "
+    "localsgd:H (ddp with --sync-every H); ps:sync, ps:async, ps:ssp:S, or ps:C (a compressed push)";
+
+Variant parse_variant(const std::string& m) {
+  const auto colon = m.find(':');
+  const std::string base = m.substr(0, colon);
+  const std::string rest = colon == std::string::npos ? "" : m.substr(colon + 1);
+  Variant v{m, base, {}};
+  auto whole = [&](const std::string& x) {
+    char* end = nullptr;
+    const long n = std::strtol(x.c_str(), &end, 10);
+    TANDEM_CHECK(!x.empty() && end && *end == '\0' && n >= 1, "--methods: '", m, "': ", x,
+                 " is not a whole number >= 1");
+    return x;
+  };
+  if (base == "ddp" || base == "ring") {
+    if (!rest.empty()) v.flags.push_back({"--compress", rest});
+  } else if (base == "localsgd") {
+    TANDEM_CHECK(!rest.empty(), "--methods: '", m, "' needs the steps between averages, e.g. localsgd:8");
+    v.strategy = "ddp";
+    v.flags.push_back({"--sync-every", whole(rest)});
+  } else if (base == "ps") {
+    if (rest == "sync" || rest == "async" || rest == "ssp") {
+      v.flags.push_back({"--ps-mode", rest});
+    } else if (rest.rfind("ssp:", 0) == 0) {
+      v.flags.push_back({"--ps-mode", "ssp"});
+      v.flags.push_back({"--staleness", whole(rest.substr(4))});
+    } else if (!rest.empty()) {
+      v.flags.push_back({"--compress", rest});
+    }
+  } else {
+    TANDEM_FAIL("--methods: unknown method '", m, "': choose ", kMethodsHelp);
+  }
+  return v;
+}
+
+// `args` without the flags in `drop` (and their values).
+std::vector<std::string> without_flags(const std::vector<std::string>& args, const std::set<std::string>& drop) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto eq = args[i].find('=');
+    if (drop.count(args[i])) {
+      ++i;
+      continue;
+    }
+    if (eq != std::string::npos && drop.count(args[i].substr(0, eq))) continue;
+    out.push_back(args[i]);
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_compare(CLI::App& app) {
@@ -67,24 +152,26 @@ void register_compare(CLI::App& app) {
   sub->add_flag("--ps-seed-layout", *seed_layout,
                 "Run ps on the same --nproc ranks as the others (servers among them, as in seed 002) instead of "
                 "adding --ps-servers server processes so that every method trains with --nproc workers");
-  sub->add_option("--methods", *methods, "Methods to run, in order: ddp, ring, ps (comma separated)")
+  sub->add_option("--methods", *methods, std::string("Methods to run, in order, comma separated: ") + kMethodsHelp)
       ->capture_default_str();
   sub->add_option("--out", *out, "Results directory")->capture_default_str();
   sub->add_flag("--no-report", *no_report, "Only train; skip `tandem report`");
-  sub->footer("Example:\n  tandem compare --nproc 4 --epochs 3 --methods ddp,ring,ps --out results/");
+  sub->footer("Examples:\n  tandem compare --nproc 4 --epochs 3 --methods ddp,ring,ps --out results/\n"
+              "  tandem compare --epochs 5 --methods ddp,ddp:powersgd:2,ddp:topk:0.01,ring:int8,localsgd:8,ps:ssp:2");
   sub->callback([f, methods, out, no_report, seed_layout] {
     finalize_train_flags(*f);
     TANDEM_CHECK(f->opts.checkpoint_dir.empty() && f->opts.resume.empty() && f->opts.save.empty(),
                  "tandem compare trains several methods into one directory: --checkpoint-dir, --resume and --save "
                  "belong to `tandem train` (compare saves each method's weights as model_<method>.pt in --out)");
-    auto list = split_csv(*methods);
+    std::vector<Variant> list;
+    for (const auto& m : split_csv(*methods)) list.push_back(parse_variant(m));
     TANDEM_CHECK(!list.empty(), "--methods is empty: give e.g. ddp,ring,ps");
-    for (const auto& m : list) {
-      TANDEM_CHECK(m == "ddp" || m == "ring" || m == "ps", "--methods: unknown method '", m,
-                   "': choose from ddp, ring, ps");
+    std::set<std::string> labels;
+    for (const auto& v : list) {
+      TANDEM_CHECK(labels.insert(v.label()).second, "--methods: '", v.name, "' is listed twice");
       // A flag only one method rejects fails now, not after the others trained.
       auto per_method = f->opts;
-      per_method.strategy = m;
+      v.apply(per_method);
       train::validate(per_method);
     }
     // Every flag but --nproc and --threads goes to each method's `tandem train`
@@ -101,26 +188,42 @@ void register_compare(CLI::App& app) {
     // Same compute per worker: the automatic thread count would otherwise
     // count the parameter server's extra processes.
     const int threads = f->opts.threads > 0 ? f->opts.threads : train::default_threads(f->nproc);
-    for (const auto& m : list) {
+    for (const auto& v : list) {
+      const std::string& m = v.strategy;
       // Same training workers for every method: the parameter server's
       // processes come on top, so the global batch and the steps per epoch
       // match DDP's and sync PS is the same SGD (docs/algorithms.md).
       const int ranks = m == "ps" && !*seed_layout ? f->nproc + f->opts.ps_servers : f->nproc;
-      std::cerr << "[tandem compare] method " << m << " on " << ranks << " local ranks"
+      std::cerr << "[tandem compare] method " << v.name << " on " << ranks << " local ranks"
                 << (ranks != f->nproc ? " (" + std::to_string(f->opts.ps_servers) + " server + " +
                                             std::to_string(f->nproc) + " workers)"
                                       : std::string())
                 << "\n";
       std::vector<std::string> args{"train"};
-      args.insert(args.end(), base.begin(), base.end());
-      for (const std::string& extra : {std::string("--strategy"), m, std::string("--output"), *out})
-        args.push_back(extra);
+      // The variant's own flags replace the user's of the same name.
+      std::set<std::string> own;
+      for (const auto& fv : v.flags) own.insert(fv.first);
+      for (const auto& a : without_flags(base, own)) args.push_back(a);
+      for (const auto& fv : v.flags) {
+        args.push_back(fv.first);
+        args.push_back(fv.second);
+      }
+      args.push_back("--strategy");
+      args.push_back(m);
+      args.push_back("--output");
+      if (v.plain()) {
+        args.push_back(*out);  // results_<method>.json, model_<method>.pt
+      } else {
+        args.push_back((std::filesystem::path(*out) / ("results_" + v.label() + ".json")).string());
+        args.push_back("--save");
+        args.push_back((std::filesystem::path(*out) / ("model_" + v.label() + ".pt")).string());
+      }
       args.push_back("--nproc");
       args.push_back(std::to_string(ranks));
       args.push_back("--threads");
       args.push_back(std::to_string(threads));
       int code = relaunch_local(ranks, args, f->max_restarts);
-      TANDEM_CHECK(code == 0, "tandem compare: method ", m, " failed (exit code ", code, "); see the messages above");
+      TANDEM_CHECK(code == 0, "tandem compare: method ", v.name, " failed (exit code ", code, "); see the messages above");
     }
     if (!*no_report) report::make_report(*out, report::ReportOptions{}, std::cout, std::cerr);
   });

@@ -46,8 +46,20 @@ void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
       ->capture_default_str();
   sub->add_option("--bucket-mb", o.bucket_mb, "DDP/ring bucket size in MiB")->capture_default_str();
   sub->add_option("--compress", o.compress,
-                  "DDP/ring gradient compression: none, or fp16 (buckets sent as float16: half the bytes, "
-                  "gradients rounded to 11 significant bits; pays on slow links, costs CPU on loopback)")
+                  "Gradient compression (ddp, ring, ps push): none; fp16 or bf16 (2x fewer bytes); int8 (per-bucket "
+                  "scale, stochastic rounding, ~4x fewer on 2 ranks); topk:F (the largest fraction F of each bucket "
+                  "as index/value pairs, the rest fed back into the next step); powersgd:R (rank-R factors of each "
+                  "matrix, error feedback; ddp and ring)")
+      ->capture_default_str();
+  sub->add_option("--compress-warmup", o.compress_warmup, "Steps sent uncompressed before --compress starts")
+      ->capture_default_str();
+  sub->add_option("--sync-every", o.sync_every,
+                  "Local SGD (ddp, ring): H optimiser steps on each rank, then the ranks average their parameters "
+                  "(momentum stays local); 1 averages gradients every step")
+      ->capture_default_str();
+  sub->add_option("--balance", o.balance,
+                  "off, or auto: per-rank batch sizes proportional to each rank's measured speed, global batch "
+                  "unchanged, gradients weighted by samples (ddp, ring)")
       ->capture_default_str();
   sub->add_option("--grad-accum", o.grad_accum, "Micro-steps per optimiser step (communicate on the last)")
       ->capture_default_str();

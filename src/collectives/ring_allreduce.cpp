@@ -133,4 +133,32 @@ void ring_all_reduce(comm::Communicator& comm, at::Tensor& t, const RingOptions&
   }
 }
 
+void ring_all_gather(comm::Communicator& comm, at::Tensor& out, const at::Tensor& in, const RingOptions& opts) {
+  const int n = comm.size();
+  const int64_t m = in.numel();
+  TANDEM_CHECK(out.is_contiguous() && out.scalar_type() == in.scalar_type() && out.numel() == n * m,
+               "ring_all_gather: output must be contiguous and hold world size x ", m, " elements of the input's type, got ",
+               out.numel());
+  const int r = comm.rank();
+  auto flat = out.view({-1});
+  flat.slice(0, r * m, (r + 1) * m).copy_(in.reshape({-1}));
+  if (n == 1 || m == 0) return;
+  const int right = (r + 1) % n, left = (r + n - 1) % n;
+  auto block = [&](int i) { return flat.slice(0, i * m, (i + 1) * m); };
+  // Step s receives the block of rank r-s-1 and sends the block of rank r-s.
+  std::vector<at::Tensor> landing(n - 1), outgoing(n - 1);
+  std::vector<comm::RequestPtr> recvs(n - 1), sends(n - 1);
+  for (int s = 0; s < n - 1; ++s) {
+    landing[s] = block((r - s - 1 + n) % n);
+    recvs[s] = comm.recv_async(landing[s], left, opts.tag_base + s);
+  }
+  for (int s = 0; s < n - 1; ++s) {
+    if (s > 0) recvs[s - 1]->wait(comm.timeout());
+    outgoing[s] = block((r - s + n) % n);
+    sends[s] = comm.send_async(outgoing[s], right, opts.tag_base + s);
+  }
+  recvs[n - 2]->wait(comm.timeout());
+  for (auto& q : sends) q->wait(comm.timeout());
+}
+
 }  // namespace tandem::collectives

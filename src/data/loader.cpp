@@ -27,9 +27,11 @@ void Loader::stop_workers() {
   workers_.clear();
 }
 
-void Loader::start_epoch(std::vector<int64_t> indices, int64_t epoch) {
+void Loader::start_epoch(std::vector<int64_t> indices, int64_t epoch, int64_t batch_size) {
   stop_workers();
   std::lock_guard<std::mutex> lock(mu_);
+  TANDEM_CHECK(batch_size >= 0, "loader: negative batch size ", batch_size);
+  if (batch_size > 0) opts_.batch_size = batch_size;
   indices_ = std::move(indices);
   epoch_ = epoch;
   batches_ = (static_cast<int64_t>(indices_.size()) + opts_.batch_size - 1) / opts_.batch_size;

@@ -29,7 +29,7 @@ int64_t DistributedSampler::shard_size(int64_t start) const {
   return 0;
 }
 
-std::vector<int64_t> DistributedSampler::indices(int64_t start) const {
+std::vector<int64_t> DistributedSampler::permutation() const {
   std::vector<int64_t> perm(n_);
   std::iota(perm.begin(), perm.end(), 0);
   if (shuffle_ && n_ > 1) {
@@ -39,6 +39,28 @@ std::vector<int64_t> DistributedSampler::indices(int64_t start) const {
       std::swap(perm[i], perm[pick(gen)]);
     }
   }
+  return perm;
+}
+
+std::vector<int64_t> DistributedSampler::balanced_indices(int64_t global_batch, int64_t start, int64_t offset,
+                                                          int64_t count) const {
+  TANDEM_CHECK(global_batch >= 1 && offset >= 0 && count >= 0 && offset + count <= global_batch,
+               "sampler: share [", offset, ", ", offset + count, ") outside the global batch of ", global_batch);
+  std::vector<int64_t> out;
+  if (n_ == 0) return out;
+  const auto perm = permutation();
+  const int64_t steps = balanced_steps(n_, start, global_batch);
+  out.reserve(static_cast<size_t>(steps * count));
+  // Note [Balanced shares]: positions past N wrap to the permutation's start (padding).
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t first = start + s * global_batch + offset;
+    for (int64_t i = first; i < first + count; ++i) out.push_back(perm[i % n_]);
+  }
+  return out;
+}
+
+std::vector<int64_t> DistributedSampler::indices(int64_t start) const {
+  auto perm = permutation();
   const int64_t first = std::min(start, n_);  // Note [Resume position]
   const int64_t total = first + (remainder_ == Remainder::kNone ? n_ - first : shard_size(start) * world_);
   if (remainder_ == Remainder::kPad && n_ > 0) {

@@ -209,6 +209,32 @@ PlotFiles write_plots(const std::vector<Run>& runs, const fs::path& plots_dir, c
   charts.emplace_back("training_time_comparison.png",
                       preamble("training_time_comparison.png", "Average training time per epoch") +
                           "set ylabel 'time per epoch (s)'\n" + bar_chart(labels, 3, max_time, "%.2f s"));
+  // Accuracy against bytes sent per step (runs that record bytes, log scale).
+  {
+    std::string d = "# KiB_per_step best_val_acc_pct index  # label\n";
+    int points = 0;
+    for (size_t i = 0; i < runs.size(); ++i) {
+      const auto& r = runs[i];
+      if (!r.comm_bytes || *r.comm_bytes <= 0) continue;
+      d += num(*r.comm_bytes / 1024) + " " + num(r.best_val_accuracy * accuracy_scale(r)) + " " + std::to_string(i) +
+           "  # " + labels[i] + "\n";
+      ++points;
+    }
+    if (points > 0) {
+      data("accuracy_bytes.dat", d);
+      std::string plot = preamble("accuracy_vs_bytes.png", "Best validation accuracy against bytes sent per step") +
+                         "set logscale x\nset xlabel 'sent per training rank per step (KiB, log scale)'\n"
+                         "set ylabel 'best validation accuracy (%)'\nset key bottom right\nset offsets graph 0.1, graph 0.1, graph 0.1, graph 0.1\nplot ";
+      bool first = true;
+      for (size_t i = 0; i < runs.size(); ++i) {
+        if (!runs[i].comm_bytes || *runs[i].comm_bytes <= 0) continue;
+        plot += std::string(first ? "" : ", ") + "'accuracy_bytes.dat' using 1:($3 == " + std::to_string(i) +
+                " ? $2 : 1/0) with points pt 7 ps 2 lc rgb '" + color(i) + "' title " + gp_quote(labels[i]);
+        first = false;
+      }
+      charts.emplace_back("accuracy_vs_bytes.png", plot + "\n");
+    }
+  }
   charts.emplace_back(
       "communication_overhead.png",
       preamble("communication_overhead.png", "Communication time per training step") + comm_chart(runs, labels));

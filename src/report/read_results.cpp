@@ -135,11 +135,26 @@ bool report_order(const Run& a, const Run& b) {
          std::make_tuple(method_rank(rb.method), rb.method, rb.world_size, b.file.filename().string());
 }
 
+std::string variant_suffix(const Run& run) {
+  const auto& c = run.result.config;
+  if (!c.is_object()) return "";
+  auto str = [&](const char* k) { return c.contains(k) && c[k].is_string() ? c[k].get<std::string>() : std::string(); };
+  auto num = [&](const char* k) { return c.contains(k) && c[k].is_number() ? c[k].get<double>() : 0.0; };
+  std::string s;
+  if (const auto comp = str("compress"); !comp.empty() && comp != "none") s += " " + comp;
+  if (num("sync_every") > 1) s += " local SGD H=" + std::to_string(static_cast<int64_t>(num("sync_every")));
+  if (const auto mode = str("ps_mode"); !mode.empty() && mode != "sync")
+    s += " " + mode + (mode == "ssp" ? ":" + std::to_string(static_cast<int64_t>(num("staleness"))) : "");
+  if (str("balance") == "auto") s += " balanced";
+  return s;
+}
+
 std::vector<std::string> run_labels(const std::vector<Run>& runs) {
   // Runs sharing a display name are told apart by world size when that is
   // unique among them, else by file name.
   std::map<std::string, std::vector<size_t>> groups;
-  for (size_t i = 0; i < runs.size(); ++i) groups[display_name(runs[i].result.method)].push_back(i);
+  for (size_t i = 0; i < runs.size(); ++i)
+    groups[display_name(runs[i].result.method) + variant_suffix(runs[i])].push_back(i);
   std::vector<std::string> labels(runs.size());
   for (const auto& [name, members] : groups) {
     std::set<int> worlds;
@@ -191,6 +206,14 @@ Run parse_run(const json& doc, const fs::path& file) {
   run.comm_all_reduce = comm_time(doc, summary, "avg_comm_time");
   run.comm_pull = comm_time(doc, summary, "avg_comm_time_pull");
   run.comm_push = comm_time(doc, summary, "avg_comm_time_push");
+  if (auto it = doc.find("config"); it != doc.end() && it->is_object()) r.config = *it;
+  {
+    double sum = 0;
+    int n = 0;
+    for (size_t i = 0; i < epochs.size(); ++i)
+      if (auto v = opt_number(epochs[i], "comm_bytes", "epochs[" + std::to_string(i) + "].")) sum += *v, ++n;
+    if (n > 0) run.comm_bytes = sum / n;
+  }
 
   if (const json* losses = opt_array(doc, "all_losses")) {
     for (size_t i = 0; i < losses->size(); ++i) {

@@ -110,6 +110,30 @@ std::string format_report(const std::vector<Run>& runs) {
     comm.add({labels[i], ms(r.comm_pull), ms(r.comm_push), ms(r.comm_all_reduce), ms(total)});
   }
   comm.print(os);
+  // Accuracy against bytes: what each way of communicating less costs.
+  const Run* base = nullptr;
+  for (const auto& r : runs)
+    if (r.comm_bytes && *r.comm_bytes > 0 && r.result.method == "baseline_ddp" && variant_suffix(r).empty()) {
+      base = &r;
+      break;
+    }
+  bool any_bytes = false;
+  for (const auto& r : runs) any_bytes = any_bytes || r.comm_bytes.has_value();
+  if (any_bytes) {
+    os << "\nAccuracy versus bytes sent\n";
+    Table acc({"Method", "Best val acc (%)", "Sent per step (KiB)", "Fewer bytes than DDP", "Throughput (img/s)"});
+    for (size_t i = 0; i < runs.size(); ++i) {
+      const Run& r = runs[i];
+      const bool known = r.comm_bytes.has_value();
+      acc.add({labels[i], fixed(r.best_val_accuracy * accuracy_scale(r), 2),
+               known ? fixed(*r.comm_bytes / 1024, 1) : "-",
+               known && base && *r.comm_bytes > 0 ? fixed(*base->comm_bytes / *r.comm_bytes, 1, "x") : "-",
+               fixed(r.avg_train_throughput, 1)});
+    }
+    acc.print(os);
+    os << "Sent per step: bytes one training rank sends per step, as a ring moves them (an all-reduce of b bytes\n"
+          "sends 2(N-1)/N x b, an all-gather (N-1) x b); compare with the uncompressed DDP run.\n";
+  }
   os << "\nSources:\n";
   for (size_t i = 0; i < runs.size(); ++i) os << "  " << labels[i] << ": " << runs[i].file.string() << "\n";
   return os.str();

@@ -1,6 +1,10 @@
 #include "tandem/sync/ddp.h"
 
+#include <condition_variable>
+#include <deque>
+#include <future>
 #include <sstream>
+#include <thread>
 
 #include <torch/torch.h>
 
@@ -21,11 +25,73 @@ std::string shape_str(at::IntArrayRef s) {
 
 }  // namespace
 
-Compression parse_compression(const std::string& name, const std::string& flag) {
-  if (name == "none") return Compression::kNone;
-  if (name == "fp16") return Compression::kFp16;
-  TANDEM_FAIL(flag, " ", name, ": unknown gradient compression; choose none or fp16");
-}
+// Runs closures in submission order on one thread: the ring's buckets and
+// the compressors' multi-step collectives, so they overlap backward.
+class CommThread {
+ public:
+  CommThread() : thread_([this] { loop(); }) {}
+  ~CommThread() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  comm::RequestPtr run(std::function<void()> fn) {
+    auto job = std::make_shared<Job>();
+    job->fn = std::move(fn);
+    auto req = std::make_shared<FutureRequest>(job->done.get_future());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(std::move(job));
+    }
+    cv_.notify_one();
+    return req;
+  }
+
+ private:
+  struct Job {
+    std::function<void()> fn;
+    std::promise<void> done;
+  };
+  class FutureRequest : public comm::Request {
+   public:
+    explicit FutureRequest(std::future<void> f) : f_(std::move(f)) {}
+    void wait(comm::Milliseconds timeout) override {
+      if (f_.wait_for(timeout) != std::future_status::ready)
+        throw CommError("bucket synchronisation did not finish within the timeout (a peer rank stopped responding)");
+      f_.get();  // rethrows the collective's CommError
+    }
+
+   private:
+    std::future<void> f_;
+  };
+  void loop() {
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        job = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      try {
+        torch::NoGradGuard guard;  // grad mode is thread-local
+        job->fn();
+        job->done.set_value();
+      } catch (...) {
+        job->done.set_exception(std::current_exception());
+      }
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  bool stop_ = false;
+  std::thread thread_;
+};
 
 void broadcast_module(torch::nn::Module& module, comm::Communicator& comm) {
   if (comm.size() == 1) return;
@@ -89,8 +155,10 @@ void broadcast_module(torch::nn::Module& module, comm::Communicator& comm) {
   }
 }
 
-BucketedSync::BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm, DdpOptions opts)
-    : comm_(std::move(comm)), module_(std::move(module)) {
+BucketedSync::BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm, DdpOptions opts,
+                           bool ring, collectives::RingOptions ring_opts)
+    : comm_(std::move(comm)), module_(std::move(module)), ring_(ring) {
+  wire_ = std::make_unique<Wire>(comm_, ring, ring_opts);
   TANDEM_CHECK(opts.bucket_mb > 0, "--bucket-mb must be > 0, got ", opts.bucket_mb);
   if (opts.broadcast_parameters) broadcast_module(*module_, *comm_);
   for (auto& p : module_->parameters())
@@ -128,8 +196,15 @@ BucketedSync::BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::Comm
     b.pending = b.slots.size();
     b.name = "bucket " + std::to_string(&b - buckets_.data());
     b.label = std::make_shared<const std::string>(b.name + " all-reduce");
-    if (opts.compression == Compression::kFp16 && b.flat.scalar_type() == at::kFloat)
-      b.wire = torch::zeros({n}, b.flat.options().dtype(at::kHalf));
+    if (!opts.compress.none()) {
+      // Compressors work on float32; other buckets go uncompressed (averaged alike).
+      CompressSpec spec = b.flat.scalar_type() == at::kFloat ? opts.compress : CompressSpec{};
+      std::vector<BucketSlot> slots;
+      for (auto& sl : b.slots) slots.push_back({sl.offset, params_[sl.param].sizes().vec()});
+      const auto index = static_cast<uint64_t>(&b - buckets_.data());
+      b.compressor =
+          make_bucket_compressor(spec, slots, n, opts.seed * 7919u + index, comm_->rank(), 1.0, b.flat.device());
+    }
   }
   inv_world_ = 1.0 / comm_->size();
   // A world of one has nothing to average: .grad() is already the result, so
@@ -142,6 +217,11 @@ BucketedSync::BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::Comm
 }
 
 BucketedSync::~BucketedSync() = default;
+
+comm::RequestPtr BucketedSync::on_comm_thread(std::function<void()> fn) {
+  if (!thread_) thread_ = std::make_unique<CommThread>();
+  return thread_->run(std::move(fn));
+}
 
 std::vector<std::vector<size_t>> BucketedSync::bucket_layout() const {
   std::vector<std::vector<size_t>> out;
@@ -156,6 +236,8 @@ void BucketedSync::begin_step(bool sync) {
   std::lock_guard<std::mutex> lock(mu_);
   sync_ = sync;
   times_ = {};
+  launched_bytes_ = 0;
+  wire_bytes_at_step_ = wire_->bytes_sent;
   next_launch_ = 0;
   any_launched_ = false;
   std::fill(got_.begin(), got_.end(), false);
@@ -194,15 +276,16 @@ void BucketedSync::launch_bucket_locked(Bucket& b) {
   b.launched_at = Clock::now();
   // Names the collective in stall reports and --check-collectives errors.
   comm::OpLabel label(b.label);
-  if (b.wire.defined()) {
-    // Divide first: the float16 sum of the world's shares cannot overflow
-    // where the fp32 gradients fit.
-    torch::NoGradGuard guard;
-    b.flat.mul_(inv_world_);
-    b.wire.copy_(b.flat);
-    b.request = launch(b.wire);
+  if (b.compressor) {
+    auto* c = b.compressor.get();
+    at::Tensor flat = b.flat;
+    b.request = on_comm_thread([this, c, flat]() mutable { c->reduce(flat, *wire_); });
   } else {
     b.request = launch(b.flat);
+    // A ring moves 2(N-1)/N of the buffer per rank (c10d's Gloo ring too);
+    // the ring's own buckets are counted by the wire.
+    const int n = comm_->size();
+    if (!ring_) launched_bytes_ += 2 * (n - 1) * b.flat.numel() * static_cast<int64_t>(b.flat.element_size()) / n;
   }
 }
 
@@ -239,12 +322,11 @@ void BucketedSync::finish() {
     auto& b = buckets_[bi];
     b.request->wait(comm_->timeout());
     times_.spans.push_back({b.name, b.launched_at, Clock::now()});
-    // A compressed bucket was divided before sending; copy_ casts back to fp32.
-    const bool scale = !b.wire.defined();
-    const auto& sum = scale ? b.flat : b.wire;
+    // A compressor leaves the average, the plain all-reduce the sum.
+    const bool scale = !b.compressor;
     for (auto& s : b.slots) {
       auto& p = params_[s.param];
-      auto view = sum.slice(0, s.offset, s.offset + s.numel).view(p.sizes());
+      auto view = b.flat.slice(0, s.offset, s.offset + s.numel).view(p.sizes());
       if (!p.grad().defined()) p.mutable_grad() = torch::empty_like(p);
       // One pass: the averaged gradient is written straight into .grad().
       if (scale) at::mul_out(p.mutable_grad(), view, inv_world_);
@@ -254,12 +336,42 @@ void BucketedSync::finish() {
   auto t1 = Clock::now();
   times_.wait = seconds(t1 - t0);
   times_.comm = any_launched_ ? seconds(t1 - first_launch_) : 0.0;
+  times_.bytes = launched_bytes_ + wire_->bytes_sent - wire_bytes_at_step_;
 }
 
 DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Module> module,
                                                  comm::CommunicatorPtr comm, DdpOptions opts)
-    : BucketedSync(std::move(module), std::move(comm), opts) {}
+    : BucketedSync(std::move(module), std::move(comm), opts, /*ring=*/false) {}
 
 comm::RequestPtr DistributedDataParallel::launch(at::Tensor& flat) { return comm_->all_reduce_async(flat); }
+
+ParameterAverager::ParameterAverager(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm, bool ring)
+    : module_(std::move(module)), wire_(comm, ring) {
+  int64_t total = 0;
+  for (auto& p : module_->parameters()) {
+    TANDEM_CHECK(p.scalar_type() == at::kFloat && p.device().is_cpu(),
+                 "--sync-every (local SGD) averages float32 CPU parameters; this model has ", p.toString());
+    params_.push_back(p);
+    total += p.numel();
+  }
+  flat_ = at::empty({total}, at::kFloat);
+}
+
+void ParameterAverager::average() {
+  if (wire_.size() == 1) return;
+  torch::NoGradGuard guard;
+  int64_t pos = 0;
+  for (auto& p : params_) {
+    flat_.slice(0, pos, pos + p.numel()).view(p.sizes()).copy_(p);
+    pos += p.numel();
+  }
+  wire_.all_reduce(flat_);
+  flat_.mul_(1.0 / wire_.size());
+  pos = 0;
+  for (auto& p : params_) {
+    p.copy_(flat_.slice(0, pos, pos + p.numel()).view(p.sizes()));
+    pos += p.numel();
+  }
+}
 
 }  // namespace tandem::sync

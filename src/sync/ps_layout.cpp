@@ -43,6 +43,9 @@ void validate(const PsOptions& o, int world_size) {
   TANDEM_CHECK(o.transport == Transport::kP2P || o.mode == Mode::kSync,
                "--ps-transport collective is for --ps-mode sync only; --ps-mode ", to_string(o.mode),
                " needs point-to-point messages: add --ps-transport p2p");
+  TANDEM_CHECK(o.compress.none() || o.transport == Transport::kP2P, "--compress ", o.compress.str(),
+               " with the parameter server needs --ps-transport p2p (the server decodes each worker's push, which a "
+               "reduce cannot do)");
   TANDEM_CHECK(o.lr > 0, "--lr must be > 0 for the parameter server, got ", o.lr);
   TANDEM_CHECK(o.momentum >= 0 && o.momentum < 1, "--momentum must be in [0, 1), got ", o.momentum);
 }

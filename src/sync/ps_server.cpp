@@ -19,6 +19,20 @@ Server::Server(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr 
   mine_ = layout_.shard(comm_->rank());
   flat_ = at::empty({flat_params_.total()}, at::TensorOptions().dtype(flat_params_.dtype()));
   shard_ = flat_.slice(0, mine_.begin, mine_.end);
+  codec_ = make_codec(opts_.compress, opts_.seed);
+  if (codec_) payload_ = codec_->payload_like(mine_.size());
+}
+
+void Server::recv_push(at::Tensor& grad, int src, detail::OpBatch& ops) {
+  if (!codec_) {
+    ops.recv(grad, src, detail::kTagPush);
+    ops.wait();
+    return;
+  }
+  ops.recv(payload_, src, detail::kTagPush);
+  ops.wait();
+  grad.zero_();
+  codec_->decode_add(payload_, grad, 1.0);
 }
 
 void Server::serve_epoch(int64_t steps_per_worker) {
@@ -92,7 +106,12 @@ void Server::serve_sync_p2p(int64_t steps) {
   detail::OpBatch ops(*comm_);
   for (int64_t s = 0; s < steps; ++s) {
     for (int w = 0; w < W; ++w) ops.send(shard_, K + w, detail::kTagPull);
-    for (int w = 0; w < W; ++w) ops.recv(rows[w], K + w, detail::kTagPush);
+    if (codec_) {
+      // One payload buffer: each push is decoded before the next is received.
+      for (int w = 0; w < W; ++w) recv_push(rows[w], K + w, ops);
+    } else {
+      for (int w = 0; w < W; ++w) ops.recv(rows[w], K + w, detail::kTagPush);
+    }
     ops.wait();  // every send is done before the shard changes
     auto avg = grads.sum(0);
     avg.mul_(1.0 / W);
@@ -133,8 +152,7 @@ void Server::serve_async(int64_t steps) {
         deferred.push_back(w);
     } else {
       TANDEM_ASSERT(kind == detail::kHeaderPush, "unknown ps header kind ", kind);
-      ops.recv(grad, src, detail::kTagPush);
-      ops.wait();
+      recv_push(grad, src, ops);
       apply(grad);
       ++clock[w];
       ++pushes;

@@ -20,6 +20,9 @@ Worker::Worker(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr 
   params_ = at::empty({flat_params_.total()}, o);
   grads_ = at::empty({flat_params_.total()}, o);
   header_ = at::zeros({2}, at::kLong);
+  codec_ = make_codec(opts_.compress, opts_.seed * 1000003u + static_cast<uint64_t>(comm_->rank()));
+  if (codec_)
+    for (int k = 0; k < opts_.num_servers; ++k) payloads_.push_back(codec_->payload_like(layout_.shard(k).size()));
 }
 
 void Worker::begin_step(bool sync) {
@@ -77,6 +80,8 @@ void Worker::push() {
   detail::OpBatch ops(*comm_);
   if (opts_.transport == Transport::kCollective) {
     for (int k = 0; k < K; ++k) ops.reduce(slices[k], k);
+    // A reduce to each server: the tree or ring behind it sends about the shard's bytes per rank.
+    times_.bytes += grads_.numel() * static_cast<int64_t>(grads_.element_size());
   } else {
     if (opts_.mode != Mode::kSync) {
       header_.data_ptr<int64_t>()[0] = detail::kHeaderPush;
@@ -84,7 +89,13 @@ void Worker::push() {
     }
     for (int k = 0; k < K; ++k) {
       if (opts_.mode != Mode::kSync) ops.send(header_, k, detail::kTagHeader);
-      ops.send(slices[k], k, detail::kTagPush);
+      if (codec_) {
+        torch::NoGradGuard guard;
+        codec_->encode(slices[k], payloads_[k], k);
+      }
+      auto& msg = codec_ ? payloads_[k] : slices[k];
+      ops.send(msg, k, detail::kTagPush);
+      times_.bytes += msg.numel() * static_cast<int64_t>(msg.element_size());
     }
   }
   ops.wait();

@@ -21,12 +21,12 @@ std::string fmt(const char* f, double a, double b, double c, double d) {
 }  // namespace
 
 namespace {
-constexpr size_t kScalars = 12;
+constexpr size_t kScalars = 13;
 }  // namespace
 
 std::vector<double> EpochSums::to_vector() const {
   std::vector<double> v{loss_sum, correct, count,    comm,        pull,         push,
-                        wait,     data_wait, worker_busy, fill_sum, fill_samples, bad_samples};
+                        wait,     data_wait, worker_busy, fill_sum, fill_samples, bad_samples, bytes};
   v.insert(v.end(), step_losses.begin(), step_losses.end());
   return v;
 }
@@ -36,7 +36,7 @@ EpochSums EpochSums::from_vector(const std::vector<double>& v) {
   EpochSums s;
   s.loss_sum = v[0], s.correct = v[1], s.count = v[2], s.comm = v[3], s.pull = v[4], s.push = v[5];
   s.wait = v[6], s.data_wait = v[7], s.worker_busy = v[8], s.fill_sum = v[9], s.fill_samples = v[10];
-  s.bad_samples = v[11];
+  s.bad_samples = v[11], s.bytes = v[12];
   s.step_losses.assign(v.begin() + kScalars, v.end());
   return s;
 }

@@ -25,6 +25,7 @@ struct EpochSums {
   // Loader counters since the epoch began (folded in at its end).
   double data_wait = 0, worker_busy = 0, fill_sum = 0, fill_samples = 0;
   double bad_samples = 0;           // undecodable images replaced so far (the dataset's running count)
+  double bytes = 0;                 // sent by this rank (StepOutput::bytes)
   std::vector<double> step_losses;  // one per step of the epoch
 
   // The scalars, then the per-step losses: the layout the ranks sum and a

@@ -40,6 +40,8 @@ nlohmann::json to_json(const RunResult& r) {
       j["avg_comm_time"] = e.avg_comm_time;
       j["avg_comm_wait"] = e.avg_comm_wait;
     }
+    j["comm_bytes"] = e.comm_bytes;
+    if (!e.shares.empty()) j["shares"] = e.shares;
     epochs.push_back(j);
     thr += e.train_throughput;
     time += e.train_time;
@@ -94,6 +96,8 @@ RunResult from_json(const nlohmann::json& j) {
     x.avg_comm_wait = e.value("avg_comm_wait", 0.0);
     x.avg_comm_time_pull = e.value("avg_comm_time_pull", 0.0);
     x.avg_comm_time_push = e.value("avg_comm_time_push", 0.0);
+    x.comm_bytes = e.value("comm_bytes", 0.0);
+    x.shares = e.value("shares", std::vector<double>{});
     const auto& p = e.at("pipeline");
     x.pipeline.stall_fraction = p.at("stall_fraction").get<double>();
     x.pipeline.data_busy_pct = p.at("data_busy_pct").get<double>();

@@ -91,9 +91,12 @@ Roles make_roles(const TrainOptions& o, int rank, int world) {
     pso.num_servers = o.ps_servers;
     pso.mode = sync::ps::parse_mode(o.ps_mode);
     pso.staleness = o.staleness;
-    // auto: collectives where they apply (sync), messages otherwise (async, ssp).
-    const std::string transport =
-        o.ps_transport == "auto" ? (pso.mode == sync::ps::Mode::kSync ? "collective" : "p2p") : o.ps_transport;
+    pso.compress = sync::parse_compress(o.compress);
+    pso.seed = o.seed;
+    // auto: collectives where they apply (sync, uncompressed), messages
+    // otherwise (async, ssp, a compressed push).
+    const bool collective = pso.mode == sync::ps::Mode::kSync && pso.compress.none();
+    const std::string transport = o.ps_transport == "auto" ? (collective ? "collective" : "p2p") : o.ps_transport;
     pso.transport = sync::ps::parse_transport(transport);
     pso.lr = o.lr;
     pso.momentum = o.momentum;
@@ -111,8 +114,14 @@ DataParallelStep::DataParallelStep(const TrainOptions& o, const Roles& roles, mo
     : o_(o), roles_(roles), model_(std::move(model)), comm_(std::move(comm)), device_(model_device) {
   sync::DdpOptions ddpo;
   ddpo.bucket_mb = o.bucket_mb;
-  ddpo.compression = sync::parse_compression(o.compress);
-  if (o.strategy == "ddp") gsync_ = std::make_unique<sync::DistributedDataParallel>(model_.module, comm_, ddpo);
+  ddpo.compress = sync::parse_compress(o.compress);
+  ddpo.compress.warmup = o.compress_warmup;
+  ddpo.seed = o.seed;
+  if (o.sync_every > 1) {
+    // Local SGD: the same start, then parameter averages every --sync-every steps.
+    sync::broadcast_module(*model_.module, *comm_);
+    averager_ = std::make_unique<sync::ParameterAverager>(model_.module, comm_, o.strategy == "ring");
+  } else if (o.strategy == "ddp") gsync_ = std::make_unique<sync::DistributedDataParallel>(model_.module, comm_, ddpo);
   else if (o.strategy == "ring") gsync_ = std::make_unique<sync::RingSync>(model_.module, comm_, ddpo);
   else if (roles_.server) server_ = std::make_unique<sync::ps::Server>(model_.module, comm_, roles_.pso);
   else if (roles_.ps) gsync_ = std::make_unique<sync::ps::Worker>(model_.module, comm_, roles_.pso);
@@ -140,11 +149,23 @@ StepOutput DataParallelStep::run(data::Batch& batch, int64_t step, int64_t steps
   auto [loss, correct] = loss_and_correct(logits, batch, y);
   const int64_t accum = std::min<int64_t>(ga, steps - (step / ga) * ga);
   out.bwd = Clock::now();
-  (accum > 1 ? loss / static_cast<double>(accum) : loss).backward();
+  const double scale = loss_weight_ / static_cast<double>(accum);
+  (scale != 1.0 ? loss * scale : loss).backward();
   out.sync = Clock::now();
-  if (gsync_) gsync_->finish();
+  if (gsync_) {
+    gsync_->finish();
+    if (out.synced) out.bytes = gsync_->last_times().bytes;
+  }
   out.opt = Clock::now();
   if (out.synced && !(gsync_ && gsync_->applies_update())) optimizer_->step();
+  if (averager_ && ++local_steps_ >= o_.sync_every) {
+    const auto t0 = Clock::now();
+    const int64_t before = averager_->bytes_sent();
+    averager_->average();
+    local_steps_ = 0;
+    out.bytes = averager_->bytes_sent() - before;
+    out.average_seconds = seconds_since(t0);
+  }
   out.end = Clock::now();
   out.loss = loss.item<double>();
   out.correct = correct;
@@ -153,9 +174,14 @@ StepOutput DataParallelStep::run(data::Batch& batch, int64_t step, int64_t steps
 }
 
 void DataParallelStep::consolidate() {
+  if (averager_ && local_steps_ > 0) {
+    // Local SGD: the ranks' models meet before evaluation and checkpoints.
+    averager_->average();
+    local_steps_ = 0;
+  }
   if (roles_.ps) {
     sync::ps::finalize_epoch(*model_.module, *comm_, roles_.pso);
-  } else if (gsync_) {
+  } else if (gsync_ || averager_) {
     // Buffers (batch-norm statistics) are each rank's own during the epoch;
     // rank 0's go to all, as PyTorch DDP's broadcast_buffers does, so that
     // evaluation and checkpoints see one model.

@@ -16,6 +16,7 @@
 #include "tandem/data/image_folder.h"
 #include "tandem/data/loader.h"
 #include "tandem/models/models.h"
+#include "tandem/sync/ddp.h"
 #include "tandem/sync/gradient_sync.h"
 #include "tandem/sync/ps.h"
 #include "tandem/train/trainer.h"
@@ -46,6 +47,8 @@ Roles make_roles(const TrainOptions& o, int rank, int world);
 struct StepOutput {
   double loss = 0, correct = 0, count = 0;
   bool synced = false;  // the gradients were synchronised (last micro-step of --grad-accum)
+  int64_t bytes = 0;     // this rank sent (gradients, or --sync-every's parameter average)
+  double average_seconds = 0;  // --sync-every: the parameter average of this step (0 without)
   Clock::time_point begin, xfer, fwd, bwd, sync, opt, end;
 };
 
@@ -62,6 +65,9 @@ class DataParallelStep {
   // and ring: rank 0's buffers; a collective). Called at the end of an epoch
   // and before a checkpoint.
   void consolidate();
+  // --balance: the loss is scaled by w = b_r x ranks / global batch, so that
+  // the ranks' gradient average is the gradient of the global batch.
+  void set_loss_weight(double w) { loss_weight_ = w; }
 
   const models::Model& model() const { return model_; }
   torch::optim::SGD& optimizer() { return *optimizer_; }
@@ -77,6 +83,9 @@ class DataParallelStep {
   sync::GradientSyncPtr gsync_;
   std::unique_ptr<sync::ps::Server> server_;
   std::unique_ptr<torch::optim::SGD> optimizer_;
+  std::unique_ptr<sync::ParameterAverager> averager_;  // --sync-every > 1
+  int64_t local_steps_ = 0;  // optimiser steps since the last parameter average
+  double loss_weight_ = 1.0;
 };
 
 // Sums of one evaluation on this rank.

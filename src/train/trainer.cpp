@@ -81,10 +81,26 @@ void validate(const TrainOptions& o) {
   TANDEM_CHECK(o.grad_accum >= 1, "--grad-accum must be >= 1, got ", o.grad_accum);
   TANDEM_CHECK(o.grad_accum == 1 || o.strategy != "ps", "--grad-accum is not supported with --strategy ps");
   TANDEM_CHECK(o.bucket_mb > 0, "--bucket-mb must be > 0, got ", o.bucket_mb);
-  sync::parse_compression(o.compress);
+  const auto spec = sync::parse_compress(o.compress);
   comm::validate_comm(o.comm);
-  TANDEM_CHECK(o.compress == "none" || o.strategy == "ddp" || o.strategy == "ring", "--compress ", o.compress,
-               " applies to --strategy ddp or ring, not ", o.strategy);
+  TANDEM_CHECK(spec.none() || o.strategy != "none", "--compress ", o.compress,
+               " applies to --strategy ddp, ring or ps; --strategy none sends nothing");
+  if (o.strategy == "ps" && !spec.none()) sync::make_codec(spec, 0);  // names what the server cannot take
+  TANDEM_CHECK(o.compress_warmup >= 0, "--compress-warmup must be >= 0 steps, got ", o.compress_warmup);
+  TANDEM_CHECK(o.sync_every >= 1, "--sync-every must be >= 1 (1: average gradients every step), got ", o.sync_every);
+  TANDEM_CHECK(o.sync_every == 1 || o.strategy == "ddp" || o.strategy == "ring", "--sync-every ", o.sync_every,
+               " (local SGD) applies to --strategy ddp or ring, not ", o.strategy);
+  TANDEM_CHECK(o.sync_every == 1 || spec.none(), "--sync-every ", o.sync_every, " averages parameters, which "
+               "--compress ", o.compress, " does not apply to; use one or the other");
+  TANDEM_CHECK(o.sync_every == 1 || o.grad_accum == 1, "--sync-every with --grad-accum: choose one way to "
+               "communicate less often");
+  TANDEM_CHECK(o.balance == "off" || o.balance == "auto", "--balance '", o.balance, "' is unknown: choose off or auto");
+  TANDEM_CHECK(o.balance == "off" || o.strategy == "ddp" || o.strategy == "ring", "--balance auto applies to "
+               "--strategy ddp or ring (the parameter server's workers already run at their own pace: use "
+               "--ps-mode ssp), not ", o.strategy);
+  TANDEM_CHECK(o.balance == "off" || o.sync_every == 1, "--balance auto with --sync-every > 1 is not supported: "
+               "local SGD averages parameters with equal weights");
+  TANDEM_CHECK(o.balance == "off" || o.grad_accum == 1, "--balance auto with --grad-accum > 1 is not supported");
   TANDEM_CHECK(o.threads >= 0, "--threads must be >= 0, got ", o.threads);
   TANDEM_CHECK(o.timeout_s > 0, "--timeout must be > 0 seconds, got ", o.timeout_s);
   TANDEM_CHECK(o.limit >= 0 && o.val_limit >= 0, "--limit/--val-limit must be >= 0");
@@ -107,6 +123,34 @@ void validate(const TrainOptions& o) {
   bool known = false;
   for (auto& n : models::model_names()) known |= n == o.model;
   if (!known) models::make_model({o.model});  // throws the message listing the names
+}
+
+std::vector<int64_t> balanced_batches(const std::vector<double>& rates, int64_t global_batch) {
+  const size_t n = rates.size();
+  TANDEM_CHECK(n >= 1 && global_batch >= static_cast<int64_t>(n), "--balance: a global batch of ", global_batch,
+               " cannot give each of ", n, " ranks a sample; raise --batch-size");
+  double total = 0;
+  bool usable = true;
+  for (double r : rates) {
+    usable &= std::isfinite(r) && r > 0;
+    total += r;
+  }
+  // One sample each first, so no rank idles; the rest by largest remainder.
+  std::vector<int64_t> out(n, 1);
+  const int64_t spare = global_batch - static_cast<int64_t>(n);
+  std::vector<std::pair<double, size_t>> frac;
+  int64_t given = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double want = spare * (usable ? rates[i] / total : 1.0 / static_cast<double>(n));
+    const auto whole = static_cast<int64_t>(std::floor(want));
+    out[i] += whole;
+    given += whole;
+    frac.push_back({want - static_cast<double>(whole), i});
+  }
+  // Ties go to the lower rank, so every rank computes the same plan.
+  std::stable_sort(frac.begin(), frac.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (size_t k = 0; given < spare; ++k, ++given) ++out[frac[k % n].second];
+  return out;
 }
 
 int default_threads(int local_ranks) {
@@ -155,6 +199,24 @@ class Trainer {
   // Servers serve, workers step, until `end` steps of the epoch are done.
   void run_segment(int64_t end, int64_t steps, EpochSums& sums);
   EpochResult combine(EpochSums& sums, int64_t steps, double local_seconds);
+  // Starts the loader at permutation position `start` of this epoch.
+  void start_loader(int64_t start);
+  // --balance auto: folds the step's speed into this rank's average; every
+  // kReplanEvery steps the ranks share their speeds and take new batch sizes
+  // when they moved by more than kReplanDrift (a collective, at the same
+  // step on every rank).
+  void balance_after_step(const StepOutput& out, int64_t steps);
+  bool replan();
+
+  struct Balance {
+    bool on = false;
+    std::vector<int64_t> batch;  // per training rank; sums to batch_size x trainers
+    double rate = 0;             // this rank's samples per second of computing (moving average)
+    int64_t measured = 0;
+  };
+  static constexpr int64_t kReplanEvery = 20;
+  static constexpr double kReplanDrift = 0.10;
+  static constexpr double kRateSmoothing = 0.2;  // weight of the newest step in the average
 
   const TrainOptions& o_;
   comm::CommunicatorPtr comm_;
@@ -176,6 +238,7 @@ class Trainer {
   std::vector<std::unique_ptr<Observer>> observers_;
   Clock::time_point run_start_;
   TestFault fault_ = test_fault();
+  Balance bal_;
 };
 
 Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
@@ -270,6 +333,9 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
     loader_ = std::make_unique<data::Loader>(ds_.train, lo);
     sampler_ = std::make_unique<data::DistributedSampler>(ds_.train->size(), roles_.trainer_index, roles_.trainers,
                                                           true, o.seed);
+    // --balance: equal shares until the first measurement (also after a resume).
+    bal_.on = o.balance == "auto" && roles_.trainers > 1;
+    bal_.batch.assign(static_cast<size_t>(roles_.trainers), o.batch_size);
     observers_.push_back(std::make_unique<ProgressObserver>(o.epochs, roles_.trainers, *loader_, logger_, roles_.ps,
                                                             o.skip_bad_samples ? &ds_ : nullptr));
     observers_.push_back(std::make_unique<TraceObserver>(trace_));
@@ -302,8 +368,12 @@ void Trainer::run_segment(int64_t end, int64_t steps, EpochSums& sums) {
       sums.push += t.push;
       sums.wait += t.wait;
     }
+    sums.comm += out.average_seconds;  // --sync-every: the blocking parameter average
+    sums.wait += out.average_seconds;
+    sums.bytes += static_cast<double>(out.bytes);
     ++st_.step;
     ++st_.global_step;
+    if (bal_.on) balance_after_step(out, steps);
     const StepEvent e{st_.epoch, st_.step, steps, st_.global_step, out, gsync, sums};
     for (auto& ob : observers_) ob->after_step(e);
     ckpt_->note_progress(st_.global_step);
@@ -322,7 +392,11 @@ void Trainer::train_epoch() {
   // the rest (Note [Resume position] in data/sampler.h).
   const int64_t rest =
       data::DistributedSampler(ds_.train->size(), 0, roles_.trainers, true, o_.seed).shard_size(st_.start_position);
-  const int64_t steps = st_.done_before + (rest + o_.batch_size - 1) / o_.batch_size;
+  const int64_t steps =
+      st_.done_before + (o_.balance == "auto" && roles_.trainers > 1
+                             ? data::DistributedSampler::balanced_steps(ds_.train->size(), st_.start_position,
+                                                                        o_.batch_size * roles_.trainers)
+                             : (rest + o_.batch_size - 1) / o_.batch_size);
   TANDEM_CHECK(steps > 0, "the training set (", ds_.train->size(), " samples) gives no step per rank with ",
                roles_.trainers, " training ranks");
   EpochSums sums = st_.carried;
@@ -331,7 +405,8 @@ void Trainer::train_epoch() {
   const auto t_epoch = Clock::now();
   if (!roles_.server) {
     sampler_->set_epoch(epoch);
-    loader_->start_epoch(sampler_->indices(st_.start_position), epoch);
+    if (bal_.on && st_.global_step > 0) replan();  // collective: every training rank is here
+    start_loader(st_.start_position);
     before = loader_->stats();
     // Controlled start: wait for a warm buffer, or the delay, whichever first.
     if (pp_.num_workers > 0) {
@@ -381,6 +456,61 @@ void Trainer::train_epoch() {
   if (ckpt_->due_at_epoch_end(st_.global_step, epoch == o_.epochs)) ckpt_->take(st_, EpochSums{}, 0.0, *step_);
 }
 
+void Trainer::start_loader(int64_t start) {
+  if (!bal_.on) {
+    loader_->start_epoch(sampler_->indices(start), st_.epoch);
+    return;
+  }
+  const int i = roles_.trainer_index;
+  int64_t offset = 0;
+  for (int r = 0; r < i; ++r) offset += bal_.batch[static_cast<size_t>(r)];
+  const int64_t mine = bal_.batch[static_cast<size_t>(i)], global = o_.batch_size * roles_.trainers;
+  loader_->start_epoch(sampler_->balanced_indices(global, start, offset, mine), st_.epoch, mine);
+  step_->set_loss_weight(static_cast<double>(mine) * roles_.trainers / static_cast<double>(global));
+}
+
+void Trainer::balance_after_step(const StepOutput& out, int64_t steps) {
+  // Computing time: forward, backward and the optimiser; not the data wait,
+  // nor the wait for the other ranks in the synchroniser.
+  const double busy = seconds(out.sync - out.fwd) + seconds(out.end - out.opt);
+  if (busy > 0 && out.count > 0) {
+    const double r = out.count / busy;
+    bal_.rate = bal_.measured == 0 ? r : (1 - kRateSmoothing) * bal_.rate + kRateSmoothing * r;
+    ++bal_.measured;
+  }
+  if (st_.global_step % kReplanEvery != 0 || st_.step >= steps) return;
+  // Mid-epoch: the loader restarts at this step's position with the new sizes.
+  if (replan())
+    start_loader(st_.start_position + (st_.step - st_.done_before) * o_.batch_size * roles_.trainers);
+}
+
+bool Trainer::replan() {
+  const int T = roles_.trainers;
+  // Training ranks only (servers never balance): their indices are 0..T-1.
+  auto rates = torch::zeros({T}, torch::kFloat64);
+  rates[roles_.trainer_index] = bal_.rate;
+  comm_->all_reduce(rates);
+  std::vector<double> r(rates.data_ptr<double>(), rates.data_ptr<double>() + T);
+  const auto next = balanced_batches(r, o_.batch_size * T);
+  bool moved = false;
+  for (int i = 0; i < T; ++i) {
+    const double old = static_cast<double>(bal_.batch[static_cast<size_t>(i)]);
+    moved |= std::abs(static_cast<double>(next[static_cast<size_t>(i)]) - old) > kReplanDrift * old;
+  }
+  if (!moved) return false;
+  bal_.batch = next;
+  if (logger_) {
+    std::string sizes, speeds;
+    for (int i = 0; i < T; ++i) {
+      sizes += (i ? "/" : "") + std::to_string(next[static_cast<size_t>(i)]);
+      speeds += (i ? "/" : "") + std::to_string(static_cast<int64_t>(r[static_cast<size_t>(i)]));
+    }
+    std::fprintf(stderr, "\n[tandem] balance: batch per rank %s (measured %s samples/s of computing)\n", sizes.c_str(),
+                 speeds.c_str());
+  }
+  return true;
+}
+
 EpochResult Trainer::combine(EpochSums& s, int64_t steps, double local_seconds) {
   // Sums across ranks, and the slowest rank's time.
   s.bad_samples = ds_.train_folder ? static_cast<double>(ds_.train_folder->bad_samples()) : 0.0;
@@ -397,6 +527,9 @@ EpochResult Trainer::combine(EpochSums& s, int64_t steps, double local_seconds) 
   er.train_accuracy = g.correct / std::max(1.0, g.count);
   er.train_throughput = g.count / tt;
   er.avg_batch_time = tt / static_cast<double>(steps);
+  er.comm_bytes = g.bytes / T / static_cast<double>(std::max<int64_t>(1, steps));
+  if (bal_.on)
+    for (auto b : bal_.batch) er.shares.push_back(static_cast<double>(b) / static_cast<double>(o_.batch_size * roles_.trainers));
   if (roles_.ps) {
     er.avg_comm_time_pull = g.pull / syncs / T;
     er.avg_comm_time_push = g.push / syncs / T;
@@ -426,7 +559,8 @@ RunResult Trainer::run() {
   result.config = {{"model", o_.model},         {"dataset", o_.dataset},       {"strategy", o_.strategy},
                    {"epochs", o_.epochs},       {"lr", o_.lr},                 {"momentum", o_.momentum},
                    {"seed", o_.seed},           {"grad_accum", o_.grad_accum}, {"bucket_mb", o_.bucket_mb},
-                   {"compress", o_.compress},   {"threads", threads_},         {"num_workers", pp_.num_workers},
+                   {"compress", o_.compress},   {"compress_warmup", o_.compress_warmup},
+                   {"sync_every", o_.sync_every}, {"balance", o_.balance}, {"threads", threads_},         {"num_workers", pp_.num_workers},
                    {"buffer_size", pp_.buffer_size}, {"limit", o_.limit},      {"data_device", plan_.data.str()},
                    {"model_device", plan_.model.str()}, {"comm", comm_->backend()}, {"weights", weights},
                    {"checkpoint_dir", o_.checkpoint_dir}, {"resumed_from", resume_ ? *resume_ : ""}};

@@ -28,4 +28,11 @@ struct RingOptions {
 // float or double (or any dtype with add_), the same numel on every rank.
 void ring_all_reduce(comm::Communicator& comm, at::Tensor& t, const RingOptions& opts = {});
 
+// out (size x in.numel() elements, in's type) receives every rank's `in`,
+// rank r's at r x in.numel(). n-1 steps: in step s each rank forwards to its
+// right neighbour the block it received in step s-1 (its own in step 0), so
+// each sends (n-1) x in.numel() elements. Receives are posted up front and
+// land in place. Uses tags tag_base .. tag_base + n-2.
+void ring_all_gather(comm::Communicator& comm, at::Tensor& out, const at::Tensor& in, const RingOptions& opts = {});
+
 }  // namespace tandem::collectives

@@ -62,8 +62,10 @@ class Loader {
   Loader(const Loader&) = delete;
   Loader& operator=(const Loader&) = delete;
 
-  // Starts producing this epoch's batches from `indices` (one rank's shard).
-  void start_epoch(std::vector<int64_t> indices, int64_t epoch);
+  // Starts producing this epoch's batches from `indices` (one rank's shard);
+  // batch_size > 0 replaces the options' from now on (--balance changes it).
+  // Batches of an earlier start not yet taken are dropped.
+  void start_epoch(std::vector<int64_t> indices, int64_t epoch, int64_t batch_size = 0);
   int64_t num_batches() const;
   // Controlled start: blocks until `batches` are ready or `max_seconds` pass.
   // Returns true when the buffer filled, false on the time limit.

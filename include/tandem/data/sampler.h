@@ -21,6 +21,16 @@
 // samples of the permutation). With n' = n this is exactly the remainder of
 // the uninterrupted epoch, so a resumed run visits the same samples in the
 // same order; with another n' every sample of the epoch is still visited.
+//
+// Note [Balanced shares]: with --balance auto the ranks take batches of
+// different sizes b_r (sum B, the global batch). The epoch is then cut into
+// steps of B consecutive permutation positions, ceil(N / B) of them, the last
+// padded with the permutation's first samples as kPad does; in each step
+// rank r takes the b_r positions from offset o_r = b_0 + ... + b_{r-1}.
+// Every rank thus runs the same number of full steps, and a change of shares
+// between steps keeps the cover: the steps before it used positions
+// [0, s x B), those after it use the rest. A resume at position p (Note
+// [Resume position]) cuts the rest of the epoch the same way from p.
 #include <cstdint>
 #include <vector>
 
@@ -42,8 +52,16 @@ class DistributedSampler {
   // permutation's positions from `start` on, for this world size.
   std::vector<int64_t> indices(int64_t start) const;
   int64_t shard_size(int64_t start) const;
+  // Note [Balanced shares]: positions [offset, offset + count) of each step of
+  // global_batch positions, the steps starting at position `start` (a
+  // resumed or re-planned epoch) and running to the epoch's end.
+  std::vector<int64_t> balanced_indices(int64_t global_batch, int64_t start, int64_t offset, int64_t count) const;
+  static int64_t balanced_steps(int64_t dataset_size, int64_t start, int64_t global_batch) {
+    return (std::max<int64_t>(0, dataset_size - start) + global_batch - 1) / global_batch;
+  }
 
  private:
+  std::vector<int64_t> permutation() const;
   int64_t n_;
   int rank_, world_;
   bool shuffle_;

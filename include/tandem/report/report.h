@@ -31,6 +31,7 @@ struct Run {
   std::optional<double> comm_all_reduce;  // avg_comm_time (ddp, ring)
   std::optional<double> comm_pull;        // avg_comm_time_pull (ps)
   std::optional<double> comm_push;        // avg_comm_time_push (ps)
+  std::optional<double> comm_bytes;       // bytes sent per rank per step, mean over epochs (absent in older files)
 };
 
 // Display name of a method: "DDP (baseline)", "Ring all-reduce",
@@ -41,9 +42,12 @@ std::string display_name(const std::string& method);
 // alphabetically; ties by world size, then file name.
 bool report_order(const Run& a, const Run& b);
 
+// What a run changed from its method's plain form, from its config:
+// " powersgd:2", " local SGD H=8", " ssp:2", " balanced"; "" for none.
+std::string variant_suffix(const Run& run);
 // Label of each run in tables and legends, parallel to `runs`: the display
-// name; runs that share it get " (N=<world size>)" when that tells them
-// apart, else " (<file name>)".
+// name and its variant_suffix; runs that share that get " (N=<world size>)"
+// when that tells them apart, else " (<file name>)".
 std::vector<std::string> run_labels(const std::vector<Run>& runs);
 
 // Factor that turns this run's accuracies into percent: 100 when every

@@ -19,6 +19,7 @@
 // the accumulated .grad() to the incoming gradient, so one all-reduce carries
 // the sum of all micro-steps.
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -27,18 +28,10 @@
 #include <torch/nn/module.h>
 
 #include "tandem/comm/communicator.h"
+#include "tandem/sync/compress.h"
 #include "tandem/sync/gradient_sync.h"
 
 namespace tandem::sync {
-
-// What travels on the wire. kFp16 is PyTorch DDP's fp16 compress hook: each
-// fp32 bucket is divided by the world size (so the sum cannot overflow) and
-// sent as float16, halving the bytes; the result is cast back into .grad().
-// Gradients then carry float16's 11 significant bits (relative error about
-// 5e-4) and values below 6e-8 flush to zero.
-enum class Compression { kNone, kFp16 };
-// "none" or "fp16"; anything else throws naming `flag` and the choices.
-Compression parse_compression(const std::string& name, const std::string& flag = "--compress");
 
 struct DdpOptions {
   double bucket_mb = 25.0;
@@ -47,23 +40,37 @@ struct DdpOptions {
   // all-reduce starts while the rest of backward still runs.
   double first_bucket_mb = 1.0;
   bool broadcast_parameters = true;
-  Compression compression = Compression::kNone;
+  // What travels on the wire (sync/compress.h). A compressed bucket is
+  // averaged on the synchroniser's communication thread by its own
+  // BucketCompressor, in bucket order, while backward goes on.
+  CompressSpec compress;
+  uint64_t seed = 0;  // the same on every rank: PowerSGD's first Q, int8's rounding
 };
 
+class CommThread;  // ddp.cpp: runs closures in order on one thread
+
+// The buckets and hooks shared by DDP and the ring. `ring`: compressors'
+// collectives (and the ring's buckets) use tandem's ring, else c10d's.
 class BucketedSync : public GradientSync {
  public:
-  BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm, DdpOptions opts);
+  BucketedSync(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm, DdpOptions opts, bool ring,
+               collectives::RingOptions ring_opts = {});
   ~BucketedSync() override;
   void begin_step(bool sync) override;
   void finish() override;
   size_t num_buckets() const { return buckets_.size(); }
   // Parameter indices (registration order) of each bucket, for tests and logs.
   std::vector<std::vector<size_t>> bucket_layout() const;
+  // The compressor of bucket i (nullptr when uncompressed), for tests.
+  const BucketCompressor* compressor(size_t i) const { return buckets_.at(i).compressor.get(); }
 
  protected:
-  // Starts reducing (summing) `flat` across ranks.
+  // Starts reducing (summing) an uncompressed `flat` across ranks.
   virtual comm::RequestPtr launch(at::Tensor& flat) = 0;
+  // Runs fn on the communication thread (started on first use), in order.
+  comm::RequestPtr on_comm_thread(std::function<void()> fn);
   comm::CommunicatorPtr comm_;
+  std::unique_ptr<Wire> wire_;  // the collectives of compressors (and of the ring)
 
  private:
   struct Slot {
@@ -72,7 +79,7 @@ class BucketedSync : public GradientSync {
   };
   struct Bucket {
     at::Tensor flat;
-    at::Tensor wire;  // the float16 copy sent instead of `flat` (Compression::kFp16), else undefined
+    std::unique_ptr<BucketCompressor> compressor;  // compressed: averages `flat` in place
     std::vector<Slot> slots;
     size_t pending = 0;
     bool launched = false;
@@ -94,8 +101,12 @@ class BucketedSync : public GradientSync {
   std::mutex mu_;
   std::chrono::steady_clock::time_point first_launch_;
   bool any_launched_ = false;
+  bool ring_ = false;
   bool solo_ = false;  // world of one: nothing to do
   double inv_world_ = 1.0;
+  int64_t launched_bytes_ = 0;   // uncompressed c10d buckets this step, as a ring would send them
+  int64_t wire_bytes_at_step_ = 0;
+  std::unique_ptr<CommThread> thread_;
 };
 
 // Buckets summed with c10d's all-reduce (Gloo ring-chunked on CPU, NCCL on GPU).
@@ -107,6 +118,27 @@ class DistributedDataParallel : public BucketedSync {
 
  protected:
   comm::RequestPtr launch(at::Tensor& flat) override;
+};
+
+// Local SGD (--sync-every H): every rank steps its own optimiser; every H
+// steps the trainer calls average(), which replaces each parameter by its
+// mean over ranks (one all-reduce of the flattened parameters, c10d's or the
+// ring's). Momentum buffers stay each rank's own, as in PyTorch's
+// PostLocalSGDOptimizer: averaging them too would cost as many bytes again.
+// With H = 1 the trajectory equals DDP's: SGD with momentum is linear in the
+// gradient, so the mean of the ranks' updates is the update of the mean
+// gradient. Buffers (batch-norm statistics) are left to the epoch's end.
+class ParameterAverager {
+ public:
+  ParameterAverager(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm, bool ring);
+  void average();
+  int64_t bytes_sent() const { return wire_.bytes_sent; }
+
+ private:
+  std::shared_ptr<torch::nn::Module> module_;
+  std::vector<at::Tensor> params_;
+  at::Tensor flat_;
+  Wire wire_;
 };
 
 // Checks shapes across ranks and broadcasts parameters and buffers from rank 0.

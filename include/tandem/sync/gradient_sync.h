@@ -30,6 +30,7 @@ struct StepTimes {
   double wait = 0;  // of which the step was blocked (not hidden behind backward)
   double pull = 0;  // parameter server: parameter pull
   double push = 0;  // parameter server: gradient push
+  int64_t bytes = 0;  // sent by this rank (as a ring would send it; docs/algorithms.md)
   std::vector<CommSpan> spans;  // per bucket / message (filled by bucketed synchronisers)
 };
 

@@ -59,6 +59,7 @@
 #include <torch/nn/module.h>
 
 #include "tandem/comm/communicator.h"
+#include "tandem/sync/compress.h"
 #include "tandem/sync/gradient_sync.h"
 
 namespace tandem::sync::ps {
@@ -73,6 +74,11 @@ struct PsOptions {
   Transport transport = Transport::kCollective;
   double lr = 0.05;
   double momentum = 0.9;
+  // The push's compression (sync/compress.h Codec): fp16, bf16, int8, topk:F
+  // (error feedback on the worker). Needs the p2p transport: the server
+  // decodes each worker's message, which a reduce cannot do.
+  CompressSpec compress;
+  uint64_t seed = 0;
 };
 
 // "sync", "async", "ssp"; tandem::Error listing the accepted values otherwise.
@@ -142,6 +148,10 @@ struct ClockRecord {
   int64_t min_clock = 0;
 };
 
+namespace detail {
+class OpBatch;
+}  // namespace detail
+
 class Worker : public GradientSync {
  public:
   // Collective with the other ranks' Worker/Server constructors
@@ -169,6 +179,8 @@ class Worker : public GradientSync {
   at::Tensor header_;          // int64[2], async/ssp
   int64_t clock_ = 0;          // pushes done (for headers)
   bool pulled_ = false;
+  std::unique_ptr<Codec> codec_;   // compressed push, else null
+  std::vector<at::Tensor> payloads_;  // one per shard
 };
 
 class Server {
@@ -195,6 +207,10 @@ class Server {
   void serve_sync_p2p(int64_t steps);
   void serve_async(int64_t steps);
   void apply(const at::Tensor& grad);  // SGD with momentum on shard_
+  // Receives worker rank src's push into `grad` (decoded when compressed).
+  void recv_push(at::Tensor& grad, int src, detail::OpBatch& ops);
+  std::unique_ptr<Codec> codec_;
+  at::Tensor payload_;
 
   std::shared_ptr<torch::nn::Module> module_;
   comm::CommunicatorPtr comm_;

@@ -42,6 +42,8 @@ struct EpochResult {
   double train_loss = 0, train_accuracy = 0, train_time = 0, train_throughput = 0, avg_batch_time = 0;
   double avg_comm_time = 0, avg_comm_time_pull = 0, avg_comm_time_push = 0;
   double avg_comm_wait = 0;
+  double comm_bytes = 0;  // bytes sent per training rank per step (as a ring sends them; docs/algorithms.md)
+  std::vector<double> shares;  // --balance auto: each training rank's share of the global batch at the epoch's end
   double val_loss = 0, val_accuracy = 0;
   PipelineStats pipeline;
 };

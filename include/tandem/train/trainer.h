@@ -18,6 +18,7 @@
 // restored, so that a resumed run ends bit-identical to an uninterrupted one
 // (same seed and world size; ddp, ring and ps in sync mode).
 #include <string>
+#include <vector>
 
 #include "tandem/comm/communicator.h"
 #include "tandem/train/results.h"
@@ -43,7 +44,16 @@ struct TrainOptions {
   std::string strategy = "ddp";  // ddp | ring | ps | none (compute only, no communication)
   double bucket_mb = 25.0;
   std::string comm = "auto";  // auto | gloo | shm | hybrid: how ranks talk (see comm/rendezvous.h)
-  std::string compress = "none";  // ddp/ring gradient compression: none or fp16
+  // Gradient compression (sync/compress.h): none | fp16 | bf16 | int8 |
+  // topk:F | powersgd:R; ddp, ring and the parameter server's push.
+  std::string compress = "none";
+  int64_t compress_warmup = 0;  // steps sent uncompressed before compressing
+  // Local SGD (ddp, ring): each rank takes sync_every optimiser steps on its
+  // own, then the ranks average their parameters. 1 = average gradients every step.
+  int sync_every = 1;
+  // off | auto: per-rank batch sizes proportional to measured speed, global
+  // batch (batch_size x training ranks) unchanged (ddp, ring).
+  std::string balance = "off";
   int grad_accum = 1;
   uint64_t seed = 42;
   int threads = 0;  // intra-op threads per rank; 0: cores / local ranks
@@ -89,6 +99,10 @@ std::string method_name(const std::string& strategy);
 
 // Checks every option; throws tandem::Error naming the flag and accepted values.
 void validate(const TrainOptions& opts);
+// --balance auto: batch sizes proportional to the ranks' measured `rates`
+// (samples per second), each >= 1, summing to global_batch (largest
+// remainder; equal shares when a rate is not a positive number).
+std::vector<int64_t> balanced_batches(const std::vector<double>& rates, int64_t global_batch);
 // --threads 0: the host's cores shared by its local ranks (at least 1 each).
 int default_threads(int local_ranks);
 
