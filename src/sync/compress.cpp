@@ -366,6 +366,17 @@ Wire::Wire(comm::CommunicatorPtr comm, bool ring, collectives::RingOptions ring_
 void Wire::all_reduce(at::Tensor& t) {
   const int n = size();
   if (n == 1) return;
+  if (!ring_ && t.scalar_type() == at::kBFloat16 && comm_->backend() != "shm") {
+    // Gloo in LibTorch 1.x has no bfloat16 type: every rank's share is
+    // gathered (its bits carried as float16, which Gloo only copies) and
+    // summed in float32, in rank order, so every rank gets the same bytes.
+    // On 2 ranks this sends what a ring does.
+    const int64_t m = t.numel();
+    if (!bf16_gathered_.defined() || bf16_gathered_.numel() != n * m) bf16_gathered_ = at::empty({n * m}, at::kHalf);
+    all_gather(bf16_gathered_, t.reshape({-1}).view(at::kHalf));
+    t.copy_(bf16_gathered_.view(at::kBFloat16).view({n, m}).to(at::kFloat).sum(0).view(t.sizes()));
+    return;
+  }
   bytes_sent += 2 * (n - 1) * t.numel() * static_cast<int64_t>(t.element_size()) / n;
   if (ring_) collectives::ring_all_reduce(*comm_, t, ring_opts_);
   else comm_->all_reduce(t);

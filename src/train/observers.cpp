@@ -86,12 +86,22 @@ void ProgressObserver::epoch_trained(int epoch, int64_t steps, const EpochSums& 
 
 void ProgressObserver::epoch_end(const EpochResult& er) {
   if (!enabled_) return;
+  std::string extra;
+  if (er.comm_bytes > 0) extra += ", sent " + std::to_string(static_cast<int64_t>(er.comm_bytes / 1024)) + " KiB/step";
+  if (!er.shares.empty()) {
+    extra += ", shares ";
+    for (size_t i = 0; i < er.shares.size(); ++i) {
+      char buf[16];
+      std::snprintf(buf, sizeof buf, "%s%.2f", i ? "/" : "", er.shares[i]);
+      extra += buf;
+    }
+  }
   std::fprintf(stderr,
                "[tandem] epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s, %.0f img/s, "
-               "comm %.2f ms/step, stall %.1f%%\n",
+               "comm %.2f ms/step%s, stall %.1f%%\n",
                er.epoch, er.train_loss, er.train_accuracy, er.val_loss, er.val_accuracy, er.train_time,
                er.train_throughput, 1e3 * (ps_ ? er.avg_comm_time_pull + er.avg_comm_time_push : er.avg_comm_time),
-               100 * er.pipeline.stall_fraction);
+               extra.c_str(), 100 * er.pipeline.stall_fraction);
   if (bad_ && bad_->train_folder)
     std::fprintf(stderr,
                  "[tandem] --skip-bad-samples: %lld undecodable training image loads replaced so far (all ranks), "

@@ -83,6 +83,7 @@ class Wire {
   comm::CommunicatorPtr comm_;
   bool ring_;
   collectives::RingOptions ring_opts_;
+  at::Tensor bf16_gathered_;  // bfloat16 over Gloo: the gathered shares
 };
 
 // One bucket's compressor; it keeps the bucket's state (residual, Q).
