@@ -15,7 +15,9 @@
 #include "tandem/collectives/ring_allreduce.h"
 #include "tandem/comm/communicator.h"
 #include "tandem/data/sampler.h"
+#include "tandem/report/report.h"
 #include "tandem/sync/compress.h"
+#include "tandem/train/results.h"
 #include "tandem/sync/ddp.h"
 #include "tandem/sync/ring_sync.h"
 #include "tandem/train/trainer.h"
@@ -384,6 +386,53 @@ TEST(Flags, BadValuesNameTheFlagAndTheFix) {
   o.strategy = "ps";
   o.compress = "powersgd:2";
   EXPECT_NE(test::error_of([&] { train::validate(o); }).find("needs an all-reduce"), std::string::npos);
+}
+
+TEST(Report, VariantsAreLabelledAndSetAgainstTheirBytes) {
+  test::TempDir dir;
+  auto write = [&](const std::string& file, const std::string& method, nlohmann::json config, double bytes,
+                   double acc) {
+    train::RunResult r;
+    r.method = method;
+    r.world_size = 2;
+    r.batch_size = 64;
+    r.config = config;
+    train::EpochResult e;
+    e.epoch = 1;
+    e.val_accuracy = acc;
+    e.train_throughput = 1000;
+    e.train_time = 10;
+    e.comm_bytes = bytes;
+    r.epochs.push_back(e);
+    r.all_losses = {1.0};
+    std::ofstream(dir.file(file)) << train::to_json(r).dump();
+  };
+  write("results_baseline_ddp.json", "baseline_ddp", {{"compress", "none"}, {"sync_every", 1}}, 1e6, 0.91);
+  write("results_baseline_ddp_powersgd_2.json", "baseline_ddp", {{"compress", "powersgd:2"}, {"sync_every", 1}}, 2e4,
+        0.905);
+  write("results_baseline_ddp_localsgd8.json", "baseline_ddp", {{"compress", "none"}, {"sync_every", 8}}, 1.25e5, 0.9);
+  write("results_ps_ssp.json", "ps", {{"ps_mode", "ssp"}, {"staleness", 2}}, 3e5, 0.88);
+  std::ostringstream log;
+  auto runs = report::read_results(dir.path(), log);
+  ASSERT_EQ(runs.size(), 4u) << log.str();
+  const auto text = report::format_report(runs);
+  for (const char* want : {"DDP (baseline) powersgd:2", "DDP (baseline) local SGD H=8", "Parameter server ssp:2",
+                           "Accuracy versus bytes sent", "50.0x", "8.0x"})
+    EXPECT_NE(text.find(want), std::string::npos) << want << " missing from\n" << text;
+}
+
+TEST(Compare, BadVariantsFailBeforeAnyTraining) {
+  for (auto [methods, want] : std::vector<std::pair<std::string, std::string>>{
+           {"ddp,localsgd", "needs the steps between averages"},
+           {"ddp,ddp:topk:2", "must be a number in (0, 1]"},
+           {"ddp,ps:powersgd:2", "needs an all-reduce"},
+           {"ddp,gossip", "unknown method 'gossip'"},
+           {"ddp,ddp", "listed twice"}}) {
+    auto [rc, out] = run_tandem("compare --methods " + methods + " --limit 64 --out /tmp/tandem_never_written");
+    EXPECT_NE(rc, 0) << methods;
+    EXPECT_NE(out.find(want), std::string::npos) << methods << ": " << out;
+    EXPECT_EQ(out.find("method ddp on"), std::string::npos) << methods << ": trained before failing";
+  }
 }
 
 // The real tool, 2 processes: the results JSON reports bytes per step, the

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <thread>
 
 #include <torch/torch.h>
 
@@ -151,6 +152,8 @@ StepOutput DataParallelStep::run(data::Batch& batch, int64_t step, int64_t steps
   out.bwd = Clock::now();
   const double scale = loss_weight_ / static_cast<double>(accum);
   (scale != 1.0 ? loss * scale : loss).backward();
+  if (slow_per_sample_ > 0)
+    std::this_thread::sleep_for(std::chrono::duration<double>(slow_per_sample_ * static_cast<double>(batch.valid())));
   out.sync = Clock::now();
   if (gsync_) {
     gsync_->finish();

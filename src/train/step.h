@@ -68,6 +68,8 @@ class DataParallelStep {
   // --balance: the loss is scaled by w = b_r x ranks / global batch, so that
   // the ranks' gradient average is the gradient of the global batch.
   void set_loss_weight(double w) { loss_weight_ = w; }
+  // TANDEM_TEST_FAULT=slow: sleeps this long per sample after backward.
+  void set_test_slowdown(double seconds_per_sample) { slow_per_sample_ = seconds_per_sample; }
 
   const models::Model& model() const { return model_; }
   torch::optim::SGD& optimizer() { return *optimizer_; }
@@ -86,6 +88,7 @@ class DataParallelStep {
   std::unique_ptr<sync::ParameterAverager> averager_;  // --sync-every > 1
   int64_t local_steps_ = 0;  // optimiser steps since the last parameter average
   double loss_weight_ = 1.0;
+  double slow_per_sample_ = 0;
 };
 
 // Sums of one evaluation on this rank.

@@ -164,10 +164,15 @@ namespace {
 //              on the launcher's first attempt only (restarts run clean);
 //   mismatch   rank 1 issues a collective of another size than the others
 //              once, before training (what --check-collectives must catch).
+//   slow:R:U   rank R sleeps U microseconds per sample of each step, inside
+//              its computing time (a straggler whose slowness takes no CPU
+//              from the others; bench/unequal_ranks.sh).
 struct TestFault {
   int kill_rank = -1;
   int64_t kill_step = -1;
   bool mismatch = false;
+  int slow_rank = -1;
+  double slow_us = 0;
 };
 
 TestFault test_fault() {
@@ -177,10 +182,17 @@ TestFault test_fault() {
   const std::string s = v;
   if (s == "mismatch") {
     f.mismatch = true;
+  } else if (s.rfind("slow:", 0) == 0) {
+    long long r = -1;
+    double us = 0;
+    TANDEM_CHECK(std::sscanf(s.c_str(), "slow:%lld:%lf", &r, &us) == 2 && us >= 0,
+                 "TANDEM_TEST_FAULT='", s, "' is not slow:RANK:MICROSECONDS_PER_SAMPLE");
+    f.slow_rank = static_cast<int>(r);
+    f.slow_us = us;
   } else {
     long long r = -1, st = -1;
     TANDEM_CHECK(std::sscanf(s.c_str(), "kill:%lld:%lld", &r, &st) == 2,
-                 "TANDEM_TEST_FAULT='", s, "' is not kill:RANK:STEP or mismatch");
+                 "TANDEM_TEST_FAULT='", s, "' is not kill:RANK:STEP, slow:RANK:US or mismatch");
     f.kill_rank = static_cast<int>(r);
     f.kill_step = st;
   }
@@ -293,6 +305,7 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
     }
   }
   step_ = std::make_unique<DataParallelStep>(o, roles_, model, comm_, plan_.model);  // collective
+  if (fault_.slow_rank == rank_) step_->set_test_slowdown(fault_.slow_us * 1e-6);
   if (fault_.mismatch && world_ > 1) {
     auto t = at::zeros({rank_ == 1 ? 3 : 2});
     comm_->all_reduce(t);
