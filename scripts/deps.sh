@@ -3,7 +3,8 @@
 set -euo pipefail
 pkgs=(build-essential cmake ccache libtorch-dev libgloo-dev libcli11-dev nlohmann-json3-dev
       libgtest-dev libgmock-dev zlib1g-dev libxxhash-dev libturbojpeg0-dev libpng-dev gnuplot-nox
-      dataset-fashion-mnist python3-torch libopenblas0-openmp clang-14 libfuzzer-14-dev)
+      dataset-fashion-mnist python3-torch libopenblas0-openmp clang-14 libfuzzer-14-dev
+      libcpp-httplib-dev pkg-config)
 # libopenblas0-openmp: LibTorch's CPU matrix multiplies (every linear layer) go
 # to libblas.so.3, which is Debian's netlib reference BLAS until an optimized
 # one is installed; OpenBLAS (the OpenMP build, which follows LibTorch's thread

@@ -11,8 +11,13 @@
 #include "tandem/data/sampler.h"
 #include "tandem/models/models.h"
 #include "tandem/models/weights.h"
+#include "tandem/sync/compress.h"
 #include "tandem/sync/ddp.h"
 #include "tandem/sync/ps.h"
 #include "tandem/sync/ring_sync.h"
 #include "tandem/train/trainer.h"
 #include "tandem/util/check.h"
+#include "tandem/config.h"
+#if TANDEM_HAVE_SERVE
+#include "tandem/serve/server.h"
+#endif

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "commands.h"
+#include "tandem/config.h"
 #include "tandem/collectives/bench.h"
 #include "tandem/comm/env.h"
 #include "tandem/comm/rendezvous.h"
@@ -90,6 +91,9 @@ void run_bench_comm(const BenchCommArgs& a) {
 void register_bench(CLI::App& app) {
   auto* bench = app.add_subcommand("bench", "Micro-benchmarks");
   bench->require_subcommand(1);
+#if TANDEM_HAVE_SERVE
+  register_bench_serve(*bench);
+#endif
   auto* sub = bench->add_subcommand(
       "comm",
       "Time all-reduce over message sizes: each communicator's own all-reduce (rows named gloo, shm, hybrid), "

@@ -11,4 +11,7 @@ void register_doctor(CLI::App& app);
 void register_data(CLI::App& app);
 void register_report(CLI::App& app);
 void register_bench(CLI::App& app);
+// `tandem serve` and `tandem bench serve` (builds with cpp-httplib only: TANDEM_HAVE_SERVE).
+void register_serve(CLI::App& app);
+void register_bench_serve(CLI::App& bench);
 }  // namespace tandem::cli

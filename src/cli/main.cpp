@@ -32,6 +32,9 @@ int main(int argc, char** argv) {
   tandem::cli::register_data(app);
   tandem::cli::register_report(app);
   tandem::cli::register_bench(app);
+#if TANDEM_HAVE_SERVE
+  tandem::cli::register_serve(app);
+#endif
   // The rank under tandem launch / torchrun, mpirun or srun, for messages.
   const char* rank = std::getenv(tandem::env::kRank);
   if (!rank) rank = std::getenv(tandem::env::kOmpiRank);
