@@ -212,8 +212,11 @@ TEST(Train, BadFlagsNameTheFlag) {
       {"train --buffer-size zero", "--buffer-size must be a number >= 1 or auto"},
       {"train --data-dir /nonexistent", "/nonexistent/train-images-idx3-ubyte.gz: no such file"},
       {"train --model-device cuda:3", "cuda:3"},
-      {"train --compress int8", "--compress int8: unknown gradient compression; choose none or fp16"},
-      {"train --nproc 3 --strategy ps --compress fp16", "--compress fp16 applies to --strategy ddp or ring"},
+      {"train --compress int4", "--compress int4: unknown gradient compression; choose none, fp16, bf16, int8"},
+      {"train --compress topk:0", "the fraction F of topk:F must be a number in (0, 1]"},
+      {"train --nproc 3 --strategy ps --compress powersgd:2", "needs an all-reduce among the workers"},
+      {"train --sync-every 0", "--sync-every must be >= 1"},
+      {"train --nproc 3 --strategy ps --balance auto", "--balance auto applies to --strategy ddp or ring"},
       {"train --comm tcp", "--comm: unknown communicator 'tcp' (accepted: auto, gloo, shm, hybrid)"},
   };
   for (const auto& c : cases) {
