@@ -26,13 +26,16 @@ namespace {
 // halve its batch.
 constexpr const char* kTestOom = "TANDEM_TEST_OOM";
 
+// The flags that are the server's options are bound to them directly.
 struct ServeArgs {
-  std::string weights, model = "cnn", host = "127.0.0.1", device = "cpu", class_names;
-  int port = 8080, max_batch = 16, max_queue = 1024, http_threads = 64, num_classes = 10;
-  double max_wait_ms = 5, max_body_mb = 8;
-  std::vector<int64_t> input_shape{1, 28, 28};
-  std::vector<double> mean{data::kFashionMnistMean}, stddev{data::kFashionMnistStd};
-  bool quiet = false;
+  std::string weights, model = "cnn", class_names;
+  int num_classes = 10;
+  serve::ServeOptions o = [] {
+    serve::ServeOptions o;
+    o.mean = {data::kFashionMnistMean};
+    o.stddev = {data::kFashionMnistStd};
+    return o;
+  }();
 };
 
 std::vector<std::string> read_lines(const std::string& path) {
@@ -45,26 +48,14 @@ std::vector<std::string> read_lines(const std::string& path) {
 }
 
 void run_serve(const ServeArgs& a) {
-  TANDEM_CHECK(a.device == "cpu", "--device ", a.device, ": tandem serve runs on the CPU for now (--device cpu)");
+  TANDEM_CHECK(a.o.device == "cpu", "--device ", a.o.device, ": tandem serve runs on the CPU for now (--device cpu)");
   TANDEM_CHECK(!a.weights.empty(), "--weights is required: a model.pt written by tandem train or by PyTorch's "
                                    "torch.save(model.state_dict())");
-  auto model = models::make_model({a.model, a.num_classes, a.input_shape});
+  auto model = models::make_model({a.model, a.num_classes, a.o.input_shape});
   models::load_weights(*model.module, a.weights);
 
-  serve::ServeOptions o;
-  o.host = a.host;
-  o.port = a.port;
-  o.max_batch = a.max_batch;
-  o.max_wait_ms = a.max_wait_ms;
-  o.max_queue = a.max_queue;
-  o.max_body_mb = a.max_body_mb;
-  o.http_threads = a.http_threads;
-  o.input_shape = a.input_shape;
-  o.mean = a.mean;
-  o.stddev = a.stddev;
-  o.quiet = a.quiet;
+  serve::ServeOptions o = a.o;
   o.model_name = a.model;
-  o.device = a.device;
   o.precision = "fp32";
   if (!a.class_names.empty()) o.class_names = read_lines(a.class_names);
   serve::Predictor predict = serve::make_predictor(model);
@@ -141,31 +132,31 @@ void register_serve(CLI::App& app) {
       ->required();
   sub->add_option("--model", a->model, "Model: mlp, cnn, resnet18, resnet50")->capture_default_str();
   sub->add_option("--num-classes", a->num_classes, "Output classes")->capture_default_str();
-  sub->add_option("--input-shape", a->input_shape, "Input C H W (images must have this size)")
+  sub->add_option("--input-shape", a->o.input_shape, "Input C H W (images must have this size)")
       ->expected(3)
       ->delimiter(',')
       ->capture_default_str();
-  sub->add_option("--mean", a->mean, "Normalisation mean, one value or one per channel (x/255 - mean) / std")
+  sub->add_option("--mean", a->o.mean, "Normalisation mean, one value or one per channel (x/255 - mean) / std")
       ->delimiter(',')
       ->capture_default_str();
-  sub->add_option("--std", a->stddev, "Normalisation standard deviation, one value or one per channel")
+  sub->add_option("--std", a->o.stddev, "Normalisation standard deviation, one value or one per channel")
       ->delimiter(',')
       ->capture_default_str();
   sub->add_option("--class-names", a->class_names,
                   "Text file, one class name per line (default: Fashion-MNIST's for 10 classes)");
-  sub->add_option("--max-batch", a->max_batch, "Most inputs per forward pass")->capture_default_str();
-  sub->add_option("--max-wait-ms", a->max_wait_ms, "Longest the oldest queued input waits for a fuller batch")
+  sub->add_option("--max-batch", a->o.max_batch, "Most inputs per forward pass")->capture_default_str();
+  sub->add_option("--max-wait-ms", a->o.max_wait_ms, "Longest the oldest queued input waits for a fuller batch")
       ->capture_default_str();
-  sub->add_option("--max-queue", a->max_queue, "Inputs queued at most; beyond it 503 + Retry-After")
+  sub->add_option("--max-queue", a->o.max_queue, "Inputs queued at most; beyond it 503 + Retry-After")
       ->capture_default_str();
-  sub->add_option("--max-body-mb", a->max_body_mb, "Largest request body (MiB); larger: 413")->capture_default_str();
-  sub->add_option("--host", a->host, "Address to listen on (0.0.0.0: every interface)")->capture_default_str();
-  sub->add_option("--port", a->port, "Port (0: any free one, printed at start)")->capture_default_str();
-  sub->add_option("--http-threads", a->http_threads,
+  sub->add_option("--max-body-mb", a->o.max_body_mb, "Largest request body (MiB); larger: 413")->capture_default_str();
+  sub->add_option("--host", a->o.host, "Address to listen on (0.0.0.0: every interface)")->capture_default_str();
+  sub->add_option("--port", a->o.port, "Port (0: any free one, printed at start)")->capture_default_str();
+  sub->add_option("--http-threads", a->o.http_threads,
                   "HTTP worker threads; each keep-alive client holds one, so at least the number of clients")
       ->capture_default_str();
-  sub->add_option("--device", a->device, "cpu")->capture_default_str();
-  sub->add_flag("--quiet", a->quiet, "No access log lines");
+  sub->add_option("--device", a->o.device, "cpu")->capture_default_str();
+  sub->add_flag("--quiet", a->o.quiet, "No access log lines");
   sub->footer(
       "Endpoints: POST /v1/predict (image/png, image/jpeg, or JSON {\"pixels\": [...]} / {\"instances\": [[...]]}),\n"
       "GET /healthz, GET /metrics (Prometheus). SIGTERM or Ctrl-C drains the requests in flight, then exits.\n"

@@ -32,12 +32,12 @@ void quantize_int8(const at::Tensor& x, at::Tensor& payload, at::Tensor& noise, 
   std::memcpy(payload.data_ptr<int8_t>() + n, &scale, sizeof scale);
 }
 
-// acc += scale x (the int8 values of payload x their scale); `tmp` float scratch.
-void dequantize_add(const at::Tensor& payload, int64_t n, at::Tensor& acc, at::Tensor& tmp, double scale) {
+// acc += scale x (the int8 values of payload x their scale), in float32
+// (add_ promotes the int8 values; no temporary).
+void dequantize_add(const at::Tensor& payload, int64_t n, at::Tensor& acc, double scale) {
   float s = 0;
   std::memcpy(&s, payload.data_ptr<int8_t>() + n, sizeof s);
-  tmp.copy_(payload.slice(0, 0, n));
-  acc.add_(tmp, s * scale);
+  acc.add_(payload.slice(0, 0, n), s * scale);
 }
 
 int64_t topk_count(double fraction, int64_t numel) {
@@ -46,14 +46,16 @@ int64_t topk_count(double fraction, int64_t numel) {
 
 // acc: this rank's values (g + residual); leaves residual = acc minus the k
 // entries sent, writes them as [k int32 indices | k float32 values (bit
-// copies)] into payload, and returns the indices and values.
-std::pair<at::Tensor, at::Tensor> select_topk(at::Tensor& acc, int64_t k, at::Tensor& payload) {
-  auto idx = std::get<1>(at::topk(acc.abs(), k, 0, /*largest=*/true, /*sorted=*/false));
+// copies)] into payload.
+// `magnitude` is float scratch, resized to acc's size when it differs.
+void select_topk(at::Tensor& acc, int64_t k, at::Tensor& payload, at::Tensor& magnitude) {
+  if (!magnitude.defined() || magnitude.numel() != acc.numel()) magnitude = at::empty_like(acc);
+  at::abs_out(magnitude, acc);
+  auto idx = std::get<1>(at::topk(magnitude, k, 0, /*largest=*/true, /*sorted=*/false));
   auto val = acc.index_select(0, idx);
   acc.index_fill_(0, idx, 0);  // acc becomes the residual
   payload.slice(0, 0, k).copy_(idx);
   payload.slice(0, k, 2 * k).copy_(val.view(at::kInt));
-  return {idx, val};
 }
 
 void add_topk(const at::Tensor& payload, int64_t k, at::Tensor& acc, double scale) {
@@ -109,7 +111,7 @@ class Int8Compressor : public BucketCompressor {
     // Every rank sums the shares in rank order, in float32: identical bytes.
     flat.zero_();
     for (int r = 0; r < N; ++r)
-      dequantize_add(gathered_.slice(0, r * (n_ + 4), (r + 1) * (n_ + 4)), n_, flat, noise_, 1.0);
+      dequantize_add(gathered_.slice(0, r * (n_ + 4), (r + 1) * (n_ + 4)), n_, flat, 1.0);
     flat.mul_(1.0 / N);
   }
 
@@ -127,6 +129,7 @@ class FeedbackCompressor : public BucketCompressor {
     residual_ = at::zeros({numel}, at::kFloat);
     acc_ = at::empty({numel}, at::kFloat);
   }
+  at::Tensor last_sent() const override { return acc_ - residual_; }
  protected:
   at::Tensor acc_;
 };
@@ -140,8 +143,7 @@ class TopKCompressor : public FeedbackCompressor {
     if (!gathered_.defined()) gathered_ = at::empty({N * 2 * k_}, at::kInt);
     residual_.add_(flat);
     acc_.copy_(residual_);
-    select_topk(residual_, k_, payload_);
-    sent_ = acc_ - residual_;
+    select_topk(residual_, k_, payload_, magnitude_);
     wire.all_gather(gathered_, payload_);
     flat.zero_();
     for (int r = 0; r < N; ++r) add_topk(gathered_.slice(0, r * 2 * k_, (r + 1) * 2 * k_), k_, flat, 1.0);
@@ -150,7 +152,7 @@ class TopKCompressor : public FeedbackCompressor {
 
  private:
   int64_t k_;
-  at::Tensor payload_, gathered_;
+  at::Tensor payload_, gathered_, magnitude_;
 };
 
 class PowerSgdCompressor : public FeedbackCompressor {
@@ -217,7 +219,6 @@ class PowerSgdCompressor : public FeedbackCompressor {
       residual_.slice(0, r.offset, r.offset + r.size).zero_();
       pos += r.size;
     }
-    sent_ = acc_ - residual_;
   }
 
  private:
@@ -250,9 +251,9 @@ class WarmupCompressor : public BucketCompressor {
       return;
     }
     inner_->reduce(flat, wire);
-    sent_ = inner_->last_sent();
-    residual_ = inner_->residual();
   }
+  at::Tensor last_sent() const override { return inner_->last_sent(); }
+  at::Tensor residual() const override { return inner_->residual(); }
 
  private:
   std::unique_ptr<BucketCompressor> inner_;
@@ -267,7 +268,7 @@ class HalfCodec : public Codec {
   at::Tensor payload_like(int64_t numel) const override { return at::empty({numel}, at::TensorOptions().dtype(type_)); }
   void encode(const at::Tensor& grad, at::Tensor& payload, int) override { payload.copy_(grad); }
   void decode_add(const at::Tensor& payload, at::Tensor& acc, double scale) const override {
-    acc.add_(payload.to(at::kFloat), scale);
+    acc.add_(payload, scale);  // promotes to float32, no temporary
   }
 
  private:
@@ -283,8 +284,7 @@ class Int8Codec : public Codec {
     quantize_int8(grad, payload, noise_, gen_);
   }
   void decode_add(const at::Tensor& payload, at::Tensor& acc, double scale) const override {
-    auto tmp = at::empty({acc.numel()}, at::kFloat);
-    dequantize_add(payload, acc.numel(), acc, tmp, scale);
+    dequantize_add(payload, acc.numel(), acc, scale);
   }
 
  private:
@@ -302,7 +302,7 @@ class TopKCodec : public Codec {
     auto& res = residual_[shard];
     if (!res.defined()) res = at::zeros({grad.numel()}, at::kFloat);
     res.add_(grad);
-    select_topk(res, topk_count(fraction_, grad.numel()), payload);
+    select_topk(res, topk_count(fraction_, grad.numel()), payload, magnitude_);
   }
   void decode_add(const at::Tensor& payload, at::Tensor& acc, double scale) const override {
     add_topk(payload, payload.numel() / 2, acc, scale);
@@ -311,6 +311,7 @@ class TopKCodec : public Codec {
  private:
   double fraction_;
   std::map<int, at::Tensor> residual_;
+  at::Tensor magnitude_;
 };
 
 }  // namespace

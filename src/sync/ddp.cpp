@@ -346,32 +346,16 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Modu
 comm::RequestPtr DistributedDataParallel::launch(at::Tensor& flat) { return comm_->all_reduce_async(flat); }
 
 ParameterAverager::ParameterAverager(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm, bool ring)
-    : module_(std::move(module)), wire_(comm, ring) {
-  int64_t total = 0;
-  for (auto& p : module_->parameters()) {
-    TANDEM_CHECK(p.scalar_type() == at::kFloat && p.device().is_cpu(),
-                 "--sync-every (local SGD) averages float32 CPU parameters; this model has ", p.toString());
-    params_.push_back(p);
-    total += p.numel();
-  }
-  flat_ = at::empty({total}, at::kFloat);
-}
+    : params_(*module),
+      flat_(at::empty({params_.total()}, at::TensorOptions().dtype(params_.dtype()))),
+      wire_(std::move(comm), ring) {}
 
 void ParameterAverager::average() {
   if (wire_.size() == 1) return;
-  torch::NoGradGuard guard;
-  int64_t pos = 0;
-  for (auto& p : params_) {
-    flat_.slice(0, pos, pos + p.numel()).view(p.sizes()).copy_(p);
-    pos += p.numel();
-  }
+  params_.gather_params(flat_, params_.all());
   wire_.all_reduce(flat_);
   flat_.mul_(1.0 / wire_.size());
-  pos = 0;
-  for (auto& p : params_) {
-    p.copy_(flat_.slice(0, pos, pos + p.numel()).view(p.sizes()));
-    pos += p.numel();
-  }
+  params_.scatter_params(flat_, params_.all());
 }
 
 }  // namespace tandem::sync

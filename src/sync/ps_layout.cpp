@@ -105,9 +105,9 @@ FlatParams::FlatParams(torch::nn::Module& module) {
     const auto& p = params_[i];
     if (i == 0) dtype_ = p.scalar_type();
     TANDEM_CHECK(p.scalar_type() == dtype_ && at::isFloatingType(dtype_),
-                 "the parameter server needs all parameters in one floating dtype; parameter #", i, " is ",
+                 "the parameter server and --sync-every flatten the parameters, which needs one floating dtype; parameter #", i, " is ",
                  p.scalar_type(), ", #0 is ", dtype_);
-    TANDEM_CHECK(p.device().is_cpu(), "the parameter server keeps parameters on the CPU; parameter #", i, " is on ",
+    TANDEM_CHECK(p.device().is_cpu(), "the parameter server and --sync-every keep the flattened parameters on the CPU; parameter #", i, " is on ",
                  p.device());
     offsets_.push_back(offsets_.back() + p.numel());
   }

@@ -58,8 +58,6 @@ struct CompressSpec {
   int rank = 0;         // powersgd
   int64_t warmup = 0;   // steps sent uncompressed first
   bool none() const { return kind == Kind::kNone; }
-  // Needs an all-reduce among the workers (no parameter-server push).
-  bool needs_all_reduce() const { return kind == Kind::kPowerSgd; }
   std::string str() const;  // the flag's spelling: "topk:0.01"
 };
 // none | fp16 | bf16 | int8 | topk:F (0 < F <= 1) | powersgd:R (R >= 1);
@@ -93,14 +91,15 @@ class BucketCompressor {
   // flat: this rank's float32 gradient of the bucket. On return it holds the
   // average over ranks (identical bytes on every rank).
   virtual void reduce(at::Tensor& flat, Wire& wire) = 0;
-  // This rank's share of the last reduce, decompressed (what the others
-  // received from it), and the error-feedback residual (undefined without
-  // error feedback); for tests: sum(sent) + residual == sum(gradients).
-  const at::Tensor& last_sent() const { return sent_; }
-  const at::Tensor& residual() const { return residual_; }
+  // With error feedback (topk, powersgd): this rank's share of the last
+  // reduce, decompressed (what the others received from it; computed on
+  // call, for tests), and the residual; sum(sent) + residual == sum(gradients).
+  // Undefined tensors for the other compressors.
+  virtual at::Tensor last_sent() const { return {}; }
+  virtual at::Tensor residual() const { return residual_; }
 
  protected:
-  at::Tensor sent_, residual_;
+  at::Tensor residual_;
 };
 
 // A parameter of the bucket: its offset in the flat bucket and its shape.

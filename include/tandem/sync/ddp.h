@@ -30,6 +30,7 @@
 #include "tandem/comm/communicator.h"
 #include "tandem/sync/compress.h"
 #include "tandem/sync/gradient_sync.h"
+#include "tandem/sync/ps.h"
 
 namespace tandem::sync {
 
@@ -135,8 +136,7 @@ class ParameterAverager {
   int64_t bytes_sent() const { return wire_.bytes_sent; }
 
  private:
-  std::shared_ptr<torch::nn::Module> module_;
-  std::vector<at::Tensor> params_;
+  ps::FlatParams params_;
   at::Tensor flat_;
   Wire wire_;
 };
