@@ -81,7 +81,7 @@ TEST(Durable, TrainedModelLoadsInPyTorchWithTheSameAccuracy) {
 
 class ExactResume : public ::testing::TestWithParam<std::string> {};
 
-// 12 steps per epoch; checkpoints every 5 steps; a worker kills itself
+// 12 steps per epoch (pp: 24); checkpoints every 5 steps; a worker kills itself
 // (SIGKILL) after step 17, in epoch 2; the launcher restarts the group, which
 // resumes from the checkpoint of step 15. The result is bit-identical to an
 // uninterrupted run.
@@ -90,7 +90,10 @@ TEST_P(ExactResume, KilledRankEndsBitIdentical) {
   TempDir d("tandem_exact");
   const bool ps = strategy == "ps";
   const std::string worker = ps ? "2" : "1";
-  const std::string common = "train --nproc " + std::string(ps ? "3" : "2") + " --strategy " + strategy +
+  // pp: two pipeline stages of one replica (24 steps per epoch); every
+  // stage's parameters and momentum are in the checkpoint.
+  const std::string how = strategy == "pp" ? "ddp --pp 2 --micro-batches 2" : strategy;
+  const std::string common = "train --nproc " + std::string(ps ? "3" : "2") + " --strategy " + how +
                              " --epochs 2" + kSmall + "--checkpoint-every 5 ";
   auto [c1, o1] = run_tandem(common + "--checkpoint-dir " + d.file("ck_ref") + " --output " + d.file("ref.json") +
                              " --save " + d.file("ref.pt"));
@@ -110,7 +113,7 @@ TEST_P(ExactResume, KilledRankEndsBitIdentical) {
   EXPECT_EQ(got["all_losses"].size(), ref["all_losses"].size());
 }
 
-INSTANTIATE_TEST_SUITE_P(Strategies, ExactResume, ::testing::Values("ddp", "ring", "ps"));
+INSTANTIATE_TEST_SUITE_P(Strategies, ExactResume, ::testing::Values("ddp", "ring", "ps", "pp"));
 
 // The parameter server's async mode is not deterministic: a killed worker's
 // run resumes (shards, momentum, update count) and converges.

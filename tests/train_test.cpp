@@ -12,11 +12,13 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
 
 #include "run_tandem.h"
+#include "tandem/models/weights.h"
 
 namespace fs = std::filesystem;
 
@@ -119,6 +121,54 @@ TEST(Train, TwoRanksOnASubsetWriteTheResultsJson) {
   fs::remove_all(d);
 }
 
+// --pp 2: two pipeline stages of one replica, then a 2 x 2 hybrid; the
+// results JSON holds the pp section; the saved model is the whole cnn.
+TEST(Train, PipelineStagesTrainAndReport) {
+  auto d = temp_dir("train_pp");
+  for (const std::string world : {"2", "4"}) {
+    const auto out = d / ("pp" + world + ".json");
+    auto r = run("train --nproc " + world + " --pp 2 --micro-batches 4 --schedule gpipe --limit 2048 --val-limit 1000 "
+                 "--epochs 1 --batch-size 32 --output " + out.string() + " --trace " + (d / "t.json").string());
+    ASSERT_EQ(r.code, 0) << r.output;
+    EXPECT_NE(r.output.find("pp: 2 stages x " + std::string(world == "2" ? "1 replica" : "2 replicas")),
+              std::string::npos) << r.output;
+    auto j = read_json(out);
+    expect_schema(j, false);
+    EXPECT_EQ(j["method"], "pp");
+    EXPECT_EQ(j["config"]["pp"], 2);
+    const auto& pp = j["pp"];
+    EXPECT_EQ(pp["stages"], 2);
+    EXPECT_EQ(pp["replicas"], world == "2" ? 1 : 2);
+    EXPECT_EQ(pp["schedule"], "gpipe");
+    EXPECT_NEAR(pp["theory_bubble"].get<double>(), 1.0 / 5.0, 1e-12);
+    ASSERT_EQ(pp["cut"].size(), 3u);
+    EXPECT_EQ(pp["cut"][0], 0);
+    EXPECT_EQ(pp["cut"][2], 4);
+    ASSERT_EQ(pp["per_stage"].size(), 2u);
+    for (const auto& s : pp["per_stage"]) {
+      EXPECT_GT(s["busy_per_step_s"].get<double>(), 0.0);
+      EXPECT_GT(s["peak_activation_bytes"].get<double>(), 0.0);
+      EXPECT_GT(s["bubble_fraction"].get<double>(), 0.0);
+      EXPECT_LT(s["bubble_fraction"].get<double>(), 1.0);
+    }
+    // 2048 samples, per-replica batch 32: 64 steps (1 replica) or 32 (2).
+    EXPECT_EQ(j["all_losses"].size(), world == "2" ? 64u : 32u);
+    EXPECT_GT(j["epochs"][0]["val_accuracy"].get<double>(), 0.6);
+    // Every stage's spans in the trace of its rank.
+    for (const char* rank : {"0", "1"}) {
+      std::ifstream t(d / ("t.rank" + std::string(rank) + ".json"));
+      std::stringstream ss;
+      ss << t.rdbuf();
+      EXPECT_NE(ss.str().find("\"stage " + std::string(rank) + "\""), std::string::npos);
+      EXPECT_NE(ss.str().find("\"B3\""), std::string::npos);
+    }
+  }
+  // The saved weights are the whole model under its usual names.
+  auto w = tandem::models::read_weights((d / "model.pt").string());
+  EXPECT_EQ(w.size(), 8u);  // conv1, conv2, fc1, fc2: weight and bias
+  fs::remove_all(d);
+}
+
 // Distributed evaluation counts every validation sample exactly once: with
 // 1001 samples over 3 ranks (shards of 334, 334, 333, loaded by the ranks'
 // loader workers), accuracy is k / 1001 for a whole k.
@@ -218,6 +268,14 @@ TEST(Train, BadFlagsNameTheFlag) {
       {"train --sync-every 0", "--sync-every must be >= 1"},
       {"train --nproc 3 --strategy ps --balance auto", "--balance auto applies to --strategy ddp or ring"},
       {"train --comm tcp", "--comm: unknown communicator 'tcp' (accepted: auto, gloo, shm, hybrid)"},
+      {"train --nproc 3 --pp 2", "the world size 3 is not a multiple of the stage count"},
+      {"train --nproc 2 --pp 5", "--pp 5: the model has only 4 blocks"},
+      {"train --pp 2 --micro-batches 0", "--micro-batches must be >= 1"},
+      {"train --pp 2 --schedule zigzag", "--schedule 'zigzag' is unknown"},
+      {"train --pp 2 --pp-balance flops", "--pp-balance 'flops' is unknown"},
+      {"train --nproc 3 --pp 2 --strategy ps", "--pp 2 with --strategy ps"},
+      {"train --pp 2 --batch-size 4 --micro-batches 8", "cannot be split into --micro-batches 8"},
+      {"compare --nproc 3 --methods ddp,pp", "'pp' cuts the model into 2 stages, which --nproc 3 is not a multiple of"},
   };
   for (const auto& c : cases) {
     auto r = run(std::string(c.args) + " --quiet --output ''");

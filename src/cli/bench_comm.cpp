@@ -94,6 +94,7 @@ void register_bench(CLI::App& app) {
 #if TANDEM_HAVE_SERVE
   register_bench_serve(*bench);
 #endif
+  register_bench_pp(*bench);
   auto* sub = bench->add_subcommand(
       "comm",
       "Time all-reduce over message sizes: each communicator's own all-reduce (rows named gloo, shm, hybrid), "

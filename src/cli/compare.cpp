@@ -64,7 +64,8 @@ struct Variant {
   bool plain() const { return flags.empty(); }
   // results_<label>.json, model_<label>.pt: the method's name, then the variant.
   std::string label() const {
-    std::string l = train::method_name(strategy);
+    if (name == "pp") return "pp";
+    std::string l = name.rfind("pp:", 0) == 0 ? "pp" : train::method_name(strategy);
     if (plain()) return l;
     std::string rest = name.substr(name.find(':') == std::string::npos ? name.size() : name.find(':') + 1);
     if (name.rfind("localsgd", 0) == 0) rest = "localsgd" + rest;
@@ -79,13 +80,16 @@ struct Variant {
       else if (flag == "--sync-every") o.sync_every = std::atoi(value.c_str());
       else if (flag == "--ps-mode") o.ps_mode = value;
       else if (flag == "--staleness") o.staleness = std::atoi(value.c_str());
+      else if (flag == "--pp") o.pp = std::atoi(value.c_str());
     }
   }
 };
 
 constexpr const char* kMethodsHelp =
     "ddp, ring, ps; ddp:C or ring:C with a --compress value C (ddp:powersgd:2, ring:int8, ddp:topk:0.01); "
-    "localsgd:H (ddp with --sync-every H); ps:sync, ps:async, ps:ssp:S, or ps:C (a compressed push)";
+    "localsgd:H (ddp with --sync-every H); ps:sync, ps:async, ps:ssp:S, or ps:C (a compressed push); "
+    "pp or pp:K (the model cut into K pipeline stages, default 2, with --micro-batches and --schedule; "
+    "--nproc a multiple of K)";
 
 Variant parse_variant(const std::string& m) {
   const auto colon = m.find(':');
@@ -105,6 +109,9 @@ Variant parse_variant(const std::string& m) {
     TANDEM_CHECK(!rest.empty(), "--methods: '", m, "' needs the steps between averages, e.g. localsgd:8");
     v.strategy = "ddp";
     v.flags.push_back({"--sync-every", whole(rest)});
+  } else if (base == "pp") {
+    v.strategy = "ddp";  // between the replicas of a stage, when --nproc > K
+    v.flags.push_back({"--pp", rest.empty() ? "2" : whole(rest)});
   } else if (base == "ps") {
     if (rest == "sync" || rest == "async" || rest == "ssp") {
       v.flags.push_back({"--ps-mode", rest});
@@ -173,6 +180,8 @@ void register_compare(CLI::App& app) {
       auto per_method = f->opts;
       v.apply(per_method);
       train::validate(per_method);
+      TANDEM_CHECK(f->nproc % per_method.pp == 0, "--methods: '", v.name, "' cuts the model into ", per_method.pp,
+                   " stages, which --nproc ", f->nproc, " is not a multiple of");
     }
     // Every flag but --nproc and --threads goes to each method's `tandem train`
     // as given; those two are set per method below.

@@ -63,6 +63,21 @@ void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
       ->capture_default_str();
   sub->add_option("--grad-accum", o.grad_accum, "Micro-steps per optimiser step (communicate on the last)")
       ->capture_default_str();
+  sub->add_option("--pp", o.pp,
+                  "Model parallelism: cut the model into K pipeline stages on K ranks; --nproc D x K runs D "
+                  "data-parallel replicas (each stage's replicas synchronised by --strategy ddp or ring); 1: off")
+      ->capture_default_str();
+  sub->add_option("--micro-batches", o.micro_batches,
+                  "--pp: micro-batches per step (the per-replica --batch-size split into M; sizes differ by at most one)")
+      ->capture_default_str();
+  sub->add_option("--schedule", o.schedule,
+                  "--pp: gpipe (all forwards, then all backwards) or 1f1b (one forward, one backward: activations of "
+                  "at most K micro-batches held)")
+      ->capture_default_str();
+  sub->add_option("--pp-balance", o.pp_balance,
+                  "--pp: where to cut: time (profile each block's forward + backward, make the slowest stage as fast "
+                  "as possible) or params (equal parameter counts)")
+      ->capture_default_str();
   sub->add_option("--seed", o.seed, "Seed for model init and shuffling")->capture_default_str();
   sub->add_option("--threads", o.threads, "Intra-op threads per rank (0: cores / local ranks)")->capture_default_str();
   sub->add_option("--timeout", o.timeout_s, "Seconds before a silent peer is declared failed")->capture_default_str();

@@ -534,6 +534,11 @@ class CheckedCommunicator : public Communicator {
   RequestPtr recv_async(at::Tensor& t, int src, int tag) override { return inner_->recv_async(t, src, tag); }
   RequestPtr recv_any_async(at::Tensor& t, int tag) override { return inner_->recv_any_async(t, tag); }
 
+  // Unchecked: the sub-group is the inner backend's.
+  CommunicatorPtr sub_group(const std::vector<int>& ranks, const std::string& name) override {
+    return inner_->sub_group(ranks, name);
+  }
+
  private:
   // Numbers the collective (it counts as waiting from here, so a rank stuck
   // in the fingerprint exchange shows as stalled in it) and checks it.

@@ -4,6 +4,7 @@
 #include <thread>
 
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/version.h>
 
@@ -55,7 +56,7 @@ class DoneRequest : public Request {
 class GlooCommunicator : public Communicator {
  public:
   GlooCommunicator(c10::intrusive_ptr<c10d::Store> store, int rank, int size, const GlooOptions& o)
-      : rank_(rank), size_(size) {
+      : rank_(rank), size_(size), store_(store), opts_(o) {
     timeout_ = o.timeout;
     auto opts = c10d::ProcessGroupGloo::Options::create(o.timeout);
     if (o.hostname.empty()) {
@@ -142,6 +143,13 @@ class GlooCommunicator : public Communicator {
     return post([&] { return pg_->recvAnysource(v, tag); }, t, "recv from any rank", -1);
   }
 
+  CommunicatorPtr sub_group(const std::vector<int>& ranks, const std::string& name) override {
+    const int me = index_in(ranks);
+    if (ranks.size() == 1) return make_single();
+    return make_gloo(c10::make_intrusive<c10d::PrefixStore>("tandem/sub/" + name, store_), me,
+                     static_cast<int>(ranks.size()), opts_);
+  }
+
  private:
   static void check_contig(const at::Tensor& t) {
     TANDEM_CHECK(t.is_contiguous(), "communicator: tensors must be contiguous");
@@ -170,6 +178,8 @@ class GlooCommunicator : public Communicator {
     return std::make_shared<GlooRequest>(std::move(w), t, op_name(what, peer), rank_);
   }
   int rank_, size_;
+  c10::intrusive_ptr<c10d::Store> store_;  // for sub-groups
+  GlooOptions opts_;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
 };
 
@@ -201,6 +211,24 @@ CommunicatorPtr make_gloo(c10::intrusive_ptr<c10d::Store> store, int rank, int s
 }
 
 CommunicatorPtr make_single() { return std::make_shared<SingleCommunicator>(); }
+
+int Communicator::index_in(const std::vector<int>& ranks) const {
+  TANDEM_CHECK(!ranks.empty(), "sub_group: no ranks given");
+  int me = -1;
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    TANDEM_CHECK(ranks[i] >= 0 && ranks[i] < size(), "sub_group: rank ", ranks[i], " is outside a group of ", size());
+    TANDEM_CHECK(i == 0 || ranks[i] > ranks[i - 1], "sub_group: ranks must be ascending and distinct");
+    if (ranks[i] == rank()) me = static_cast<int>(i);
+  }
+  TANDEM_CHECK(me >= 0, "sub_group: rank ", rank(), " is not among the ranks of the group it builds");
+  return me;
+}
+
+CommunicatorPtr Communicator::sub_group(const std::vector<int>& ranks, const std::string& name) {
+  index_in(ranks);
+  TANDEM_CHECK(ranks.size() == 1, "sub_group '", name, "': the ", backend(), " communicator cannot build sub-groups");
+  return make_single();
+}
 
 InProcessGroup::InProcessGroup(int size, GlooOptions opts, std::string backend)
     : size_(size), opts_(std::move(opts)), backend_(std::move(backend)) {

@@ -136,6 +136,10 @@ class HybridCommunicator : public Communicator {
   RequestPtr send_async(at::Tensor& t, int dst, int tag) override { return world_->send_async(t, dst, tag); }
   RequestPtr recv_async(at::Tensor& t, int src, int tag) override { return world_->recv_async(t, src, tag); }
   RequestPtr recv_any_async(at::Tensor& t, int tag) override { return world_->recv_any_async(t, tag); }
+  // Through the Gloo group over all ranks (not hierarchical).
+  CommunicatorPtr sub_group(const std::vector<int>& ranks, const std::string& name) override {
+    return world_->sub_group(ranks, name);
+  }
 
  private:
   void check_root(int root) const {

@@ -112,7 +112,8 @@ int method_rank(const std::string& m) {
   if (m == "baseline_ddp") return 0;
   if (m == "all_reduce") return 1;
   if (m == "ps") return 2;
-  return 3;
+  if (m == "pp") return 3;
+  return 4;
 }
 
 }  // namespace
@@ -121,6 +122,7 @@ std::string display_name(const std::string& method) {
   if (method == "baseline_ddp") return "DDP (baseline)";
   if (method == "all_reduce") return "Ring all-reduce";
   if (method == "ps") return "Parameter server";
+  if (method == "pp") return "Pipeline stages";
   // Any other name is shown as written, on one line (tables, chart labels).
   std::string name = method;
   for (char& c : name)
@@ -146,6 +148,9 @@ std::string variant_suffix(const Run& run) {
   if (const auto mode = str("ps_mode"); !mode.empty() && mode != "sync")
     s += " " + mode + (mode == "ssp" ? ":" + std::to_string(static_cast<int64_t>(num("staleness"))) : "");
   if (str("balance") == "auto") s += " balanced";
+  if (num("pp") > 1)
+    s += " " + std::to_string(static_cast<int64_t>(num("pp"))) + " stages " + str("schedule") + " M=" +
+         std::to_string(static_cast<int64_t>(num("micro_batches")));
   return s;
 }
 

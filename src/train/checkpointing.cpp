@@ -50,13 +50,8 @@ typename Map::key_type state_key(const Map&, at::TensorImpl* impl) {
 std::vector<std::pair<std::string, at::Tensor>> momentum_buffers(torch::nn::Module& module,
                                                                  torch::optim::SGD& opt) {
   std::vector<std::pair<std::string, at::Tensor>> out;
-  auto& state = opt.state();
-  for (const auto& p : module.named_parameters(/*recurse=*/true)) {
-    auto it = state.find(state_key(state, p.value().unsafeGetTensorImpl()));
-    if (it == state.end()) continue;
-    auto& s = static_cast<torch::optim::SGDParamState&>(*it->second);
-    if (s.momentum_buffer().defined()) out.emplace_back(p.key(), s.momentum_buffer());
-  }
+  for (const auto& p : module.named_parameters(/*recurse=*/true))
+    if (auto m = momentum_of(opt, p.value()); m.defined()) out.emplace_back(p.key(), m);
   return out;
 }
 
@@ -214,7 +209,7 @@ void Checkpointer::flush() {
   }
 }
 
-void Checkpointer::take(const TrainState& st, const EpochSums& sums, double train_seconds, DataParallelStep& step) {
+void Checkpointer::take(const TrainState& st, const EpochSums& sums, double train_seconds, Step& step) {
   if (dir_.empty()) return;
   const auto t0 = Clock::now();
   step.consolidate();
@@ -397,7 +392,7 @@ void load_model(const std::string& ckpt, torch::nn::Module& model) {
   models::load_weights(model, (fs::path(ckpt) / kModelFile).string());
 }
 
-void load_optimizer(const std::string& ckpt, const TrainState& st, DataParallelStep& step, const Roles& roles) {
+void load_optimizer(const std::string& ckpt, const TrainState& st, Step& step, const Roles& roles) {
   const std::string path = (fs::path(ckpt) / kOptimFile).string();
   std::map<std::string, at::Tensor> saved;
   for (auto& [k, v] : models::read_weights(path)) saved.emplace(k, v);
@@ -417,17 +412,28 @@ void load_optimizer(const std::string& ckpt, const TrainState& st, DataParallelS
     return;
   }
   auto& opt = step.optimizer();
-  auto& state = opt.state();
   torch::NoGradGuard guard;
   for (const auto& p : module.named_parameters(true)) {
     auto it = saved.find(p.key());
     if (it == saved.end()) continue;  // no step had a gradient for it yet
     TANDEM_CHECK(it->second.sizes() == p.value().sizes(), "checkpoint file ", path, ": momentum of ", p.key(),
                  " has shape ", it->second.sizes(), ", the parameter ", p.value().sizes());
-    auto s = std::make_unique<torch::optim::SGDParamState>();
-    s->momentum_buffer(it->second.to(p.value().options()).clone());
-    state[state_key(state, p.value().unsafeGetTensorImpl())] = std::move(s);
+    set_momentum(opt, p.value(), it->second.to(p.value().options()).clone());
   }
+}
+
+at::Tensor momentum_of(torch::optim::SGD& opt, const at::Tensor& p) {
+  auto& state = opt.state();
+  auto it = state.find(state_key(state, p.unsafeGetTensorImpl()));
+  if (it == state.end()) return {};
+  return static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer();
+}
+
+void set_momentum(torch::optim::SGD& opt, const at::Tensor& p, const at::Tensor& m) {
+  auto& state = opt.state();
+  auto s = std::make_unique<torch::optim::SGDParamState>();
+  s->momentum_buffer(m);
+  state[state_key(state, p.unsafeGetTensorImpl())] = std::move(s);
 }
 
 }  // namespace tandem::train

@@ -54,7 +54,7 @@ class Checkpointer {
   bool due_at_epoch_end(int64_t global_step, bool last_epoch) const;
   // Collective. `sums` is this rank's (with the loader counters folded in).
   // `train_seconds` is this rank's training time of the epoch so far.
-  void take(const TrainState& state, const EpochSums& sums, double train_seconds, DataParallelStep& step);
+  void take(const TrainState& state, const EpochSums& sums, double train_seconds, Step& step);
   // The logging rank records how far training got (for steps_redone after a
   // restart); cheap, written at most 5 times a second unless `now_or_never`.
   void note_progress(int64_t global_step, bool now_or_never = false);
@@ -94,7 +94,7 @@ void restore_rng(const at::Tensor& state);
 // Parameters and buffers into `model` (before the synchroniser is built).
 void load_model(const std::string& ckpt, torch::nn::Module& model);
 // Momentum into the optimiser, or into this rank's parameter server.
-void load_optimizer(const std::string& ckpt, const TrainState& state, DataParallelStep& step, const Roles& roles);
+void load_optimizer(const std::string& ckpt, const TrainState& state, Step& step, const Roles& roles);
 
 // The restart count of this attempt (0 for the first): TANDEM_RESTART_COUNT
 // (tandem launch), else TORCHELASTIC_RESTART_COUNT (torchrun), else

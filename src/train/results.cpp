@@ -68,6 +68,7 @@ nlohmann::json to_json(const RunResult& r) {
   if (ps) out["num_workers"] = r.num_workers;
   out["restarts"] = r.restarts;
   out["steps_redone"] = r.steps_redone;
+  if (!r.pp.is_null()) out["pp"] = r.pp;
   return out;
 }
 
@@ -82,6 +83,7 @@ RunResult from_json(const nlohmann::json& j) {
   r.config = j.value("config", nlohmann::json::object());
   r.restarts = j.value("restarts", 0);
   r.steps_redone = j.value("steps_redone", int64_t{0});
+  r.pp = j.value("pp", nlohmann::json());
   for (const auto& e : j.at("epochs")) {
     EpochResult x;
     x.epoch = e.at("epoch").get<int>();

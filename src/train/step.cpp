@@ -107,6 +107,15 @@ Roles make_roles(const TrainOptions& o, int rank, int world) {
   r.trainers = r.ps ? sync::ps::num_workers(world, r.pso) : world;
   r.trainer_index = r.ps ? (r.server ? -1 : sync::ps::worker_index(rank, r.pso)) : rank;
   r.log_rank = r.ps ? r.pso.num_servers : 0;
+  if (o.pp > 1) {
+    // Checked here, before any collective, so that every rank fails alike.
+    TANDEM_CHECK(world % o.pp == 0, "--pp ", o.pp, ": the world size ", world, " is not a multiple of the stage "
+                 "count; start D x ", o.pp, " ranks (--nproc), D data-parallel replicas of a ", o.pp, "-stage pipeline");
+    r.pp = o.pp;
+    r.trainers = world / o.pp;
+    r.trainer_index = rank / o.pp;
+    r.log_rank = o.pp - 1;  // the last stage of replica 0 sees the loss
+  }
   return r;
 }
 

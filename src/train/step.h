@@ -1,11 +1,13 @@
 #pragma once
-// The data-parallel training step and what it needs: the data sets, the
-// ranks' roles, evaluation. Internal to train/ (the Trainer in trainer.cpp
-// drives it; the pipeline-parallel step of pp/ will sit beside it).
+// The training steps and what they need: the data sets, the ranks' roles,
+// evaluation. Internal to train/ (the Trainer in trainer.cpp drives a Step).
 //
-// DataParallelStep owns one rank's model, gradient synchroniser (ddp, ring,
-// parameter-server worker) or parameter-server role, and optimiser. run() is
-// called by the training thread only, once per batch, in step order.
+// A Step owns one rank's model, optimiser and whatever moves gradients:
+//   DataParallelStep  a gradient synchroniser (ddp, ring, parameter-server
+//                     worker) or a parameter-server role;
+//   PipelineStep      one stage of a pipeline (pp/) and the data-parallel
+//                     group of that stage (pipeline_step.cpp).
+// run() is called by the training thread only, once per batch, in step order.
 #include <memory>
 #include <vector>
 
@@ -16,6 +18,7 @@
 #include "tandem/data/image_folder.h"
 #include "tandem/data/loader.h"
 #include "tandem/models/models.h"
+#include "tandem/pp/pipeline.h"
 #include "tandem/sync/ddp.h"
 #include "tandem/sync/gradient_sync.h"
 #include "tandem/sync/ps.h"
@@ -33,12 +36,15 @@ struct Datasets {
 // Throws tandem::Error naming the flag or file that is wrong.
 Datasets load_datasets(const TrainOptions& o, bool log);
 
-// Who does what: every rank trains, except the parameter servers.
+// Who does what: every rank trains, except the parameter servers. With
+// --pp K the "training ranks" are the D = world / K replicas of the
+// pipeline: the K stages of a replica read the same batches.
 struct Roles {
   bool ps = false, server = false;
-  int trainers = 1;       // ranks that compute gradients
-  int trainer_index = 0;  // this rank's index among them (-1 for a server)
-  int log_rank = 0;       // the first training rank: progress, results JSON, weights
+  int trainers = 1;       // ranks that compute gradients (pp: replicas)
+  int trainer_index = 0;  // this rank's index among them (-1 for a server; pp: its replica)
+  int log_rank = 0;       // the first training rank: progress, results JSON, weights (pp: the last stage)
+  int pp = 1;             // pipeline stages
   sync::ps::PsOptions pso;
 };
 Roles make_roles(const TrainOptions& o, int rank, int world);
@@ -52,7 +58,29 @@ struct StepOutput {
   Clock::time_point begin, xfer, fwd, bwd, sync, opt, end;
 };
 
-class DataParallelStep {
+class Step {
+ public:
+  virtual ~Step() = default;
+  // Forward, backward, synchronisation and update on one batch; `step` of
+  // `steps` in this epoch.
+  virtual StepOutput run(data::Batch& batch, int64_t step, int64_t steps) = 0;
+  // Makes every rank hold the same, whole model and optimiser state (a
+  // collective). Called at the end of an epoch and before a checkpoint.
+  virtual void consolidate() = 0;
+  virtual const models::Model& model() const = 0;
+  virtual torch::optim::SGD& optimizer() = 0;
+  virtual sync::GradientSync* gsync() { return nullptr; }
+  virtual sync::ps::Server* server() { return nullptr; }
+  // --balance: the loss is scaled by w = b_r x ranks / global batch, so that
+  // the ranks' gradient average is the gradient of the global batch.
+  virtual void set_loss_weight(double) {}
+  // TANDEM_TEST_FAULT=slow: sleeps this long per sample after backward.
+  virtual void set_test_slowdown(double) {}
+  // What the results JSON says of this way of training (pp: its section).
+  virtual nlohmann::json describe() { return nullptr; }
+};
+
+class DataParallelStep : public Step {
  public:
   // Collective (the synchroniser's constructor broadcasts rank 0's
   // parameters): `model` must already hold any restored weights.
@@ -60,21 +88,16 @@ class DataParallelStep {
                    c10::Device model_device);
   // Forward, backward, synchronisation and update on one batch; `step` of
   // `steps` in this epoch decides the --grad-accum boundaries.
-  StepOutput run(data::Batch& batch, int64_t step, int64_t steps);
-  // Makes every rank hold the same model (ps: the servers' parameters; ddp
-  // and ring: rank 0's buffers; a collective). Called at the end of an epoch
-  // and before a checkpoint.
-  void consolidate();
-  // --balance: the loss is scaled by w = b_r x ranks / global batch, so that
-  // the ranks' gradient average is the gradient of the global batch.
-  void set_loss_weight(double w) { loss_weight_ = w; }
-  // TANDEM_TEST_FAULT=slow: sleeps this long per sample after backward.
-  void set_test_slowdown(double seconds_per_sample) { slow_per_sample_ = seconds_per_sample; }
+  StepOutput run(data::Batch& batch, int64_t step, int64_t steps) override;
+  // ps: the servers' parameters; ddp and ring: rank 0's buffers.
+  void consolidate() override;
+  void set_loss_weight(double w) override { loss_weight_ = w; }
+  void set_test_slowdown(double seconds_per_sample) override { slow_per_sample_ = seconds_per_sample; }
 
-  const models::Model& model() const { return model_; }
-  torch::optim::SGD& optimizer() { return *optimizer_; }
-  sync::GradientSync* gsync() { return gsync_.get(); }
-  sync::ps::Server* server() { return server_.get(); }
+  const models::Model& model() const override { return model_; }
+  torch::optim::SGD& optimizer() override { return *optimizer_; }
+  sync::GradientSync* gsync() override { return gsync_.get(); }
+  sync::ps::Server* server() override { return server_.get(); }
 
  private:
   const TrainOptions& o_;
@@ -90,6 +113,45 @@ class DataParallelStep {
   double loss_weight_ = 1.0;
   double slow_per_sample_ = 0;
 };
+
+// One stage of a pipeline-parallel replica (--pp K; pp/pipeline.h). Every
+// rank builds the whole model from the same seed and trains its stage's
+// blocks; the optimiser covers the whole model (parameters without a
+// gradient are skipped), so that after consolidate() -- every stage's
+// parameters, buffers and momentum broadcast from replica 0 -- any rank
+// holds the whole run for evaluation, checkpoints and the saved weights.
+class PipelineStep : public Step {
+ public:
+  // Collective (rank 0 profiles the blocks for --pp-balance time; the
+  // stages' data-parallel groups are built).
+  PipelineStep(const TrainOptions& o, const Roles& roles, models::Model model, comm::CommunicatorPtr comm,
+               c10::Device model_device, const std::vector<int64_t>& sample_shape, obs::Trace* trace);
+  StepOutput run(data::Batch& batch, int64_t step, int64_t steps) override;
+  void consolidate() override;
+  const models::Model& model() const override { return model_; }
+  torch::optim::SGD& optimizer() override { return *optimizer_; }
+  sync::GradientSync* gsync() override { return pipe_->gsync(); }
+  // The `pp` section of the results: the cut, predicted and measured stage
+  // times, the bubble against theory, peak activation bytes (a collective).
+  nlohmann::json describe() override;
+
+ private:
+  const TrainOptions& o_;
+  models::Model model_;
+  comm::CommunicatorPtr comm_;
+  c10::Device device_;
+  std::unique_ptr<pp::Pipeline> pipe_;
+  std::unique_ptr<torch::optim::SGD> optimizer_;
+  // This rank's sums over the run's steps, for describe().
+  double busy_ = 0, wait_ = 0, span_ = 0, steps_ = 0;
+  int64_t peak_ = 0;
+};
+
+// The SGD momentum of parameter `p` (undefined when it has none yet), and
+// setting it (checkpointing.cpp: the state's key differs between LibTorch
+// versions).
+at::Tensor momentum_of(torch::optim::SGD& opt, const at::Tensor& p);
+void set_momentum(torch::optim::SGD& opt, const at::Tensor& p, const at::Tensor& m);
 
 // Sums of one evaluation on this rank.
 struct Tally {

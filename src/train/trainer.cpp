@@ -21,6 +21,7 @@
 #include "tandem/data/sampler.h"
 #include "tandem/device/device.h"
 #include "tandem/models/weights.h"
+#include "tandem/pp/pipeline.h"
 #include "tandem/sync/ddp.h"
 #include "tandem/train/pipeline_plan.h"
 #include "tandem/util/check.h"
@@ -71,6 +72,8 @@ std::string method_name(const std::string& strategy) {
   return strategy;
 }
 
+std::string method_name(const TrainOptions& o) { return o.pp > 1 ? "pp" : method_name(o.strategy); }
+
 void validate(const TrainOptions& o) {
   TANDEM_CHECK(o.epochs >= 1, "--epochs must be >= 1, got ", o.epochs);
   TANDEM_CHECK(o.batch_size >= 1, "--batch-size must be >= 1, got ", o.batch_size);
@@ -101,6 +104,23 @@ void validate(const TrainOptions& o) {
   TANDEM_CHECK(o.balance == "off" || o.sync_every == 1, "--balance auto with --sync-every > 1 is not supported: "
                "local SGD averages parameters with equal weights");
   TANDEM_CHECK(o.balance == "off" || o.grad_accum == 1, "--balance auto with --grad-accum > 1 is not supported");
+  TANDEM_CHECK(o.pp >= 1, "--pp must be >= 1 stage (1: no pipeline), got ", o.pp);
+  TANDEM_CHECK(o.micro_batches >= 1, "--micro-batches must be >= 1, got ", o.micro_batches);
+  pp::parse_schedule(o.schedule);  // names the flag
+  TANDEM_CHECK(o.pp_balance == "time" || o.pp_balance == "params", "--pp-balance '", o.pp_balance,
+               "' is unknown: choose time (profile each block, cut the slowest stage down) or params");
+  if (o.pp > 1) {
+    TANDEM_CHECK(o.strategy == "ddp" || o.strategy == "ring", "--pp ", o.pp, " with --strategy ", o.strategy,
+                 ": pipeline stages synchronise their replicas with ddp or ring",
+                 o.strategy == "ps" ? " (the parameter server holds whole models' gradients, which no stage has)" : "");
+    TANDEM_CHECK(o.grad_accum == 1, "--pp with --grad-accum: raise --micro-batches instead (the micro-batches "
+                 "of a step already accumulate)");
+    TANDEM_CHECK(o.sync_every == 1, "--pp with --sync-every (local SGD) is not supported");
+    TANDEM_CHECK(o.balance == "off", "--pp with --balance auto is not supported: the stages of a replica share "
+                 "one batch; --pp-balance time balances the stages");
+    TANDEM_CHECK(o.batch_size >= o.micro_batches, "--batch-size ", o.batch_size, " cannot be split into --micro-batches ",
+                 o.micro_batches, "; use --micro-batches <= --batch-size");
+  }
   TANDEM_CHECK(o.threads >= 0, "--threads must be >= 0, got ", o.threads);
   TANDEM_CHECK(o.timeout_s > 0, "--timeout must be > 0 seconds, got ", o.timeout_s);
   TANDEM_CHECK(o.limit >= 0 && o.val_limit >= 0, "--limit/--val-limit must be >= 0");
@@ -240,7 +260,7 @@ class Trainer {
   Datasets ds_;
   PipelinePlan pp_;
   std::optional<std::string> resume_;
-  std::unique_ptr<DataParallelStep> step_;
+  std::unique_ptr<Step> step_;
   TrainState st_;
   obs::Trace trace_;
   std::unique_ptr<data::Loader> loader_, val_loader_;
@@ -304,7 +324,12 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
                      blas.describe().c_str(), device::blas_fix());
     }
   }
-  step_ = std::make_unique<DataParallelStep>(o, roles_, model, comm_, plan_.model);  // collective
+  // Collective.
+  if (o.pp > 1)
+    step_ = std::make_unique<PipelineStep>(o, roles_, model, comm_, plan_.model, ds_.sample_shape,
+                                           trace_.enabled() ? &trace_ : nullptr);
+  else
+    step_ = std::make_unique<DataParallelStep>(o, roles_, model, comm_, plan_.model);
   if (fault_.slow_rank == rank_) step_->set_test_slowdown(fault_.slow_us * 1e-6);
   if (fault_.mismatch && world_ > 1) {
     auto t = at::zeros({rank_ == 1 ? 3 : 2});
@@ -318,7 +343,7 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
     st_.result.restarts = restart_count();
   }
   // Checkpoints keep the results so far in this schema.
-  st_.result.method = method_name(o.strategy);
+  st_.result.method = method_name(o);
   st_.result.world_size = world_;
   st_.result.num_workers = roles_.trainers;
   st_.result.batch_size = static_cast<int>(o.batch_size);
@@ -563,7 +588,7 @@ RunResult Trainer::run() {
   while (st_.epoch <= o_.epochs) train_epoch();
   ckpt_->flush();
   RunResult& result = st_.result;
-  result.method = method_name(o_.strategy);
+  result.method = method_name(o_);
   result.world_size = world_;
   result.num_workers = roles_.trainers;
   result.batch_size = static_cast<int>(o_.batch_size);
@@ -577,6 +602,11 @@ RunResult Trainer::run() {
                    {"buffer_size", pp_.buffer_size}, {"limit", o_.limit},      {"data_device", plan_.data.str()},
                    {"model_device", plan_.model.str()}, {"comm", comm_->backend()}, {"weights", weights},
                    {"checkpoint_dir", o_.checkpoint_dir}, {"resumed_from", resume_ ? *resume_ : ""}};
+  if (o_.pp > 1) {
+    result.config.update({{"pp", o_.pp}, {"micro_batches", o_.micro_batches}, {"schedule", o_.schedule},
+                          {"pp_balance", o_.pp_balance}});
+    result.pp = step_->describe();  // collective
+  }
   if (roles_.ps)
     result.config.update({{"ps_servers", o_.ps_servers}, {"ps_mode", o_.ps_mode}, {"staleness", o_.staleness},
                           {"ps_transport", roles_.pso.transport == sync::ps::Transport::kP2P ? "p2p" : "collective"}});

@@ -82,7 +82,17 @@ class Communicator {
     return r->source_rank();
   }
 
+  // A new group over `ranks` (this group's rank numbers, ascending, holding
+  // rank()), rendezvoused through this group's store under `name`: every
+  // rank in `ranks` calls it with the same arguments, the others don't. In
+  // the new group a rank's number is its index in `ranks`. Uses: the
+  // data-parallel groups of pipeline stages (pp/). One rank: a world of one.
+  // Throws tandem::Error for a backend without a store (the default).
+  virtual std::shared_ptr<Communicator> sub_group(const std::vector<int>& ranks, const std::string& name);
+
  protected:
+  // Checks `ranks` and returns this rank's index in it.
+  int index_in(const std::vector<int>& ranks) const;
   Milliseconds timeout_{kDefaultTimeout};
 };
 using CommunicatorPtr = std::shared_ptr<Communicator>;

@@ -9,11 +9,24 @@
 
 namespace tandem::models {
 
+// One piece of a model's forward, for cutting the model into pipeline
+// stages (pp/): applying a model's blocks in order is its forward. A block
+// uses the model's own submodules (`modules`: the parameters and buffers it
+// touches), so a stage trains the model's tensors under their usual names.
+struct Block {
+  std::string name;  // e.g. "conv1", "layer2.0", "fc"
+  std::function<at::Tensor(const at::Tensor&)> forward;
+  std::vector<std::shared_ptr<torch::nn::Module>> modules;
+  std::vector<at::Tensor> parameters() const;
+  std::vector<at::Tensor> buffers() const;
+};
+
 // A module plus its forward: torch::nn::Module has no virtual forward, so the
 // factory pairs them. The trainer and the synchronisers see only this.
 struct Model {
   std::shared_ptr<torch::nn::Module> module;
   std::function<at::Tensor(const at::Tensor&)> forward;
+  std::vector<Block> blocks;  // the forward as a sequence (see Block)
 };
 
 struct ModelSpec {

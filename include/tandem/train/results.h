@@ -64,6 +64,7 @@ struct RunResult {
   std::vector<TimelinePoint> timeline;
   int restarts = 0;
   int64_t steps_redone = 0;
+  nlohmann::json pp;  // --pp: stages, cut, stage times, bubble (null otherwise)
 };
 
 nlohmann::json to_json(const RunResult& r);

@@ -55,6 +55,13 @@ struct TrainOptions {
   // batch (batch_size x training ranks) unchanged (ddp, ring).
   std::string balance = "off";
   int grad_accum = 1;
+  // Pipeline stages (model parallelism, pp/): pp > 1 cuts the model into pp
+  // stages on as many ranks; a world of D x pp ranks runs D replicas, each
+  // stage's replicas synchronised by `strategy` (ddp or ring).
+  int pp = 1;
+  int micro_batches = 4;          // the per-replica batch is split into these
+  std::string schedule = "1f1b";  // gpipe | 1f1b
+  std::string pp_balance = "time";  // time | params: how the stages are cut
   uint64_t seed = 42;
   int threads = 0;  // intra-op threads per rank; 0: cores / local ranks
   double timeout_s = 300;
@@ -96,6 +103,8 @@ struct TrainOptions {
 
 // Seed 002's method name of a strategy: ddp -> baseline_ddp, ring -> all_reduce, ps -> ps.
 std::string method_name(const std::string& strategy);
+// The method of a run: method_name(strategy), or "pp" with pipeline stages.
+std::string method_name(const TrainOptions& o);
 
 // Checks every option; throws tandem::Error naming the flag and accepted values.
 void validate(const TrainOptions& opts);

@@ -28,6 +28,8 @@
 #include "tandem/comm/shm.h"
 #include "tandem/util/check.h"
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+
 namespace tandem::comm {
 namespace {
 
@@ -78,6 +80,16 @@ class ShmCommunicator : public Communicator {
         spin_ns_(o.spin_ns >= 0 ? o.spin_ns : default_spin(size)), labels_(labels_for(o, size)),
         p2p_(seg_, labels_, spin_ns_) {
     timeout_ = o.timeout;
+  }
+
+  CommunicatorPtr sub_group(const std::vector<int>& ranks, const std::string& name) override {
+    const int me = index_in(ranks);
+    if (ranks.size() == 1) return make_single();
+    ShmOptions o = opts_;
+    o.rank_labels.clear();
+    for (int r : ranks) o.rank_labels.push_back(labels_[static_cast<size_t>(r)]);
+    return make_shm(c10::make_intrusive<c10d::PrefixStore>("tandem/sub/" + name + "/", store_), me,
+                    static_cast<int>(ranks.size()), o);
   }
 
   ~ShmCommunicator() override {
