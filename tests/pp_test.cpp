@@ -928,6 +928,10 @@ TEST(PipelineBatchNorm, MicroBatchesNormaliseAlone) {
   torch::manual_seed(11);
   auto ref = models::make_model(spec);
   ref.module->train();
+  // The ranks (threads: one global generator) start from these values.
+  std::map<std::string, at::Tensor> init;
+  for (const auto& p : ref.module->named_parameters()) init[p.key()] = p.value().detach().clone();
+  for (const auto& b : ref.module->named_buffers()) init[b.key()] = b.value().clone();
   for (int64_t m = 0; m < kMicro; ++m) {
     const int64_t b = m * kRows / kMicro, n = kRows / kMicro;
     auto loss = F::cross_entropy(ref.forward(x.slice(0, b, b + n)), y.slice(0, b, b + n),
@@ -942,8 +946,12 @@ TEST(PipelineBatchNorm, MicroBatchesNormaliseAlone) {
   std::mutex mu;
   std::map<std::string, at::Tensor> got;
   comm::spawn(2, [&](int rank, comm::CommunicatorPtr c) {
-    torch::manual_seed(11);
     auto m = models::make_model(spec);
+    {
+      torch::NoGradGuard guard;
+      for (const auto& p : m.module->named_parameters()) p.value().copy_(init.at(p.key()));
+      for (const auto& b : m.module->named_buffers()) b.value().copy_(init.at(b.key()));
+    }
     m.module->train();
     pp::PipelineOptions o;
     o.stages = 2;
@@ -952,10 +960,13 @@ TEST(PipelineBatchNorm, MicroBatchesNormaliseAlone) {
     o.balance = "params";
     pp::Pipeline pipe(m, c, o, {1, 16, 16});
     pipe.step(kRows, rank == 0 ? x : at::Tensor(), rank == 1 ? y : at::Tensor(), at::Tensor());
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      for (const auto& p : m.module->named_parameters())
+        if (p.value().grad().defined()) got["grad " + p.key()] = p.value().grad().clone();
+    }
+    pipe.consolidate();  // every stage's running statistics on every rank (a collective: no lock held)
     std::lock_guard<std::mutex> lock(mu);
-    for (const auto& p : m.module->named_parameters())
-      if (p.value().grad().defined()) got["grad " + p.key()] = p.value().grad().clone();
-    pipe.consolidate();  // every stage's running statistics on every rank
     if (rank == 0)
       for (const auto& b : m.module->named_buffers()) got["buffer " + b.key()] = b.value().clone();
   }, gloo_opts());

@@ -36,8 +36,8 @@ models::Model synthetic_model(const BenchPpArgs& a) {
   m.module = seq;
   for (int i = 0; i < a.stages * a.layers; ++i) {
     auto lin = seq->register_module("fc" + std::to_string(i), torch::nn::Linear(a.width, a.width));
-    m.blocks.push_back({"fc" + std::to_string(i), [l = lin.ptr()](const at::Tensor& x) { return torch::relu(l->forward(x)); },
-                        {lin.ptr()}});
+    m.blocks.push_back({"fc" + std::to_string(i), [l = lin](const at::Tensor& x) { return torch::relu(l->forward(x)); },
+                        {lin}});
   }
   m.forward = [blocks = m.blocks](const at::Tensor& x) {
     at::Tensor y = x;
