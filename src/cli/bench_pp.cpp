@@ -25,7 +25,7 @@ namespace {
 struct BenchPpArgs {
   int stages = 2, micro_batches = 8, layers = 4, steps = 20, warmup = 3, repeats = 3;
   int64_t width = 1024, micro_rows = 32;
-  std::string schedules = "gpipe,1f1b", comm = "auto", json;
+  std::string schedules = "gpipe,1f1b", comm = "auto", json, trace;
   double timeout_s = 300;
 };
 
@@ -82,11 +82,14 @@ void run_bench_pp(const BenchPpArgs& a) {
   torch::set_num_threads(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / K));
   torch::manual_seed(0);
   const int64_t rows = a.micro_rows * a.micro_batches;
-  auto x = torch::randn({rows, a.width});
+  // The input asks for its gradient, so that stage 0's backward does the
+  // same work as the others' (its first layer's input gradient too).
+  auto x = torch::randn({rows, a.width}).requires_grad_(true);
   auto y = torch::randint(a.width, {rows}, torch::kLong);
 
   // One pipeline per schedule, over the same model; runs interleaved by repeat.
   auto model = synthetic_model(a);
+  obs::Trace trace(!a.trace.empty(), rank);
   std::vector<std::unique_ptr<pp::Pipeline>> pipes;
   std::vector<Measured> res;
   for (auto k : kinds) {
@@ -96,6 +99,7 @@ void run_bench_pp(const BenchPpArgs& a) {
     po.schedule = k;
     po.balance = "params";  // equal blocks: an equal cut
     po.name = std::string("bench.") + pp::schedule_name(k);
+    po.trace = trace.enabled() ? &trace : nullptr;
     pipes.push_back(std::make_unique<pp::Pipeline>(model, comm, po, std::vector<int64_t>{a.width}));
     res.push_back({pp::schedule_name(k), std::vector<double>(K, 0.0), std::vector<double>(K, 0.0),
                    std::vector<int64_t>(K, 0)});
@@ -124,6 +128,10 @@ void run_bench_pp(const BenchPpArgs& a) {
     }
   }
   comm->barrier();
+  if (trace.enabled()) {
+    auto dot = a.trace.rfind(".json");
+    trace.write((dot == std::string::npos ? a.trace : a.trace.substr(0, dot)) + ".rank" + std::to_string(rank) + ".json");
+  }
   if (rank != 0) return;
 
   const double theory = pp::theory_bubble(K, a.micro_batches);
@@ -133,15 +141,22 @@ void run_bench_pp(const BenchPpArgs& a) {
   std::printf("# bench pp: %d stages x %d linear(%lld) layers, M = %d micro-batches of %lld rows, %d steps x %d, %s\n",
               K, a.layers, static_cast<long long>(a.width), a.micro_batches, static_cast<long long>(a.micro_rows),
               a.steps, a.repeats, comm->backend().c_str());
-  std::printf("%-8s %10s %10s %10s %12s  %s\n", "schedule", "bubble", "theory", "rel.diff", "step ms", "peak activations per stage (MiB)");
+  std::printf("%-8s %10s %10s %10s %14s %12s  %s\n", "schedule", "bubble", "theory", "rel.diff", "slowest stage", "step ms",
+              "peak activations per stage (MiB)");
   for (const auto& m : res) {
-    double bubble = 0, span = 0;
+    double bubble = 0, span = 0, slowest_busy = -1, slowest_bubble = 0;
     nlohmann::json per = nlohmann::json::array();
     std::string peaks;
     for (int s = 0; s < K; ++s) {
       const double b = 1.0 - m.busy[s] / m.span[s];
       bubble += b / K;
       span = std::max(span, m.span[s]);
+      // Identical stages still run at different speeds on a noisy host; the
+      // slowest sets the step, and its idle is the schedule's own.
+      if (m.busy[s] > slowest_busy) {
+        slowest_busy = m.busy[s];
+        slowest_bubble = b;
+      }
       per.push_back({{"stage", s}, {"bubble_fraction", b}, {"peak_activation_bytes", m.peak[s]},
                      {"busy_per_step_s", m.busy[s] / (a.steps * a.repeats)}});
       char buf[32];
@@ -149,9 +164,10 @@ void run_bench_pp(const BenchPpArgs& a) {
       peaks += buf;
     }
     const double rel = (bubble - theory) / theory;
-    std::printf("%-8s %10.4f %10.4f %+9.1f%% %12.2f  %s\n", m.schedule.c_str(), bubble, theory, 100 * rel,
-                1e3 * span / (a.steps * a.repeats), peaks.c_str());
+    std::printf("%-8s %10.4f %10.4f %+9.1f%% %8.4f %+4.0f%% %12.2f  %s\n", m.schedule.c_str(), bubble, theory, 100 * rel,
+                slowest_bubble, 100 * (slowest_bubble - theory) / theory, 1e3 * span / (a.steps * a.repeats), peaks.c_str());
     out["schedules"].push_back({{"schedule", m.schedule}, {"bubble_fraction", bubble}, {"relative_to_theory", rel},
+                                {"slowest_stage_bubble", slowest_bubble},
                                 {"step_s", span / (a.steps * a.repeats)}, {"per_stage", per}});
   }
   if (res.size() == 2) {
@@ -193,6 +209,7 @@ void register_bench_pp(CLI::App& bench) {
   sub->add_option("--repeats", a->repeats, "Interleaved repeats of every schedule")->capture_default_str();
   sub->add_option("--comm", a->comm, "How the stages talk: auto, gloo, shm")->capture_default_str();
   sub->add_option("--json", a->json, "Also write the results as JSON to this file");
+  sub->add_option("--trace", a->trace, "Chrome trace of every stage's ops and waits (PATH.rank<r>.json per rank)");
   sub->add_option("--timeout", a->timeout_s, "Seconds before a silent peer is an error")->capture_default_str();
   sub->footer("Example:\n  tandem bench pp --stages 2 --micro-batches 8 --json pp.json");
   sub->callback([a] { run_bench_pp(*a); });

@@ -103,6 +103,10 @@ StageStats Stage::run(int64_t rows, const at::Tensor& input, const at::Tensor& t
     if (op.kind == Op::kForward) {
       if (first) {
         u.in = input.slice(0, u.begin, u.begin + u.rows);
+        // An input that asks for its gradient gets it computed here, as every
+        // other stage's is, into a leaf of its own (nothing is before the
+        // first stage to receive it); a view would accumulate into the whole batch.
+        if (u.in.requires_grad()) u.in = u.in.detach().requires_grad_(true);
       } else {
         post_act(op.micro);
         post_act(op.micro + 1);  // one ahead: its transfer overlaps this forward

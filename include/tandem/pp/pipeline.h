@@ -107,6 +107,8 @@ class Stage {
   // `target` (class indices) and `mask` (undefined: all rows valid). The
   // loss is the mean over the batch's valid rows, so the gradients that
   // accumulate in the parameters are those of the whole batch.
+  // An `input` that requires grad has its gradient computed per micro-batch
+  // (as later stages do) but not accumulated into `input`.
   // `before_backward(last)` runs before each backward op, `last` for the
   // final one (a data-parallel synchroniser turns its hooks on there).
   StageStats run(int64_t rows, const at::Tensor& input, const at::Tensor& target, const at::Tensor& mask,
