@@ -368,6 +368,7 @@ TEST_P(ModelBlocks, AppliedInOrderTheyAreTheForward) {
   const auto spec = spec_of(GetParam());
   auto m = models::make_model(spec);
   ASSERT_GE(m.blocks.size(), 2u);
+  EXPECT_EQ(static_cast<int>(m.blocks.size()), models::block_count(GetParam()));  // what --pp is checked against
   m.module->eval();  // batch norm from its running statistics: no batch dependence
   std::vector<int64_t> shape{2};
   shape.insert(shape.end(), spec.input_shape.begin(), spec.input_shape.end());

@@ -170,6 +170,7 @@ train::RunResult run_as_rank(const TrainFlags& f) {
   ro.timeout = std::chrono::milliseconds(static_cast<int64_t>(opts.timeout_s * 1000));
   ro.comm = opts.comm;
   ro.verbose = !opts.quiet;
+  if (opts.pp > 1) ro.shm_spin_ns = 0;  // stages compute with receives posted (docs/benchmarks.md)
   auto world = comm::resolve_world(ro);
   opts.local_world_size = world.local_world_size;
   opts.local_rank = world.local_rank;

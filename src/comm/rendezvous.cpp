@@ -164,6 +164,7 @@ CommunicatorPtr init_from_env(const RendezvousOptions& o) {
   // Tuning knobs for measurements (docs/benchmarks.md); the defaults are measured.
   if (auto v = env_int(env::kShmChunk)) so.chunk_bytes = static_cast<std::size_t>(*v);
   if (auto v = env_int(env::kShmSmall)) so.small_bytes = static_cast<std::size_t>(*v);
+  if (o.shm_spin_ns) so.spin_ns = *o.shm_spin_ns;
   if (auto v = env_int(env::kShmSpinNs)) so.spin_ns = *v;
   CommunicatorPtr comm;
   if (kind == "shm")

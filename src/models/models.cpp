@@ -33,6 +33,14 @@ at::Tensor MlpImpl::forward(const at::Tensor& input) {
   return fc3->forward(x);
 }
 
+int block_count(const std::string& name) {
+  if (name == "mlp") return 3;
+  if (name == "cnn") return 4;
+  if (name == "resnet18") return 10;  // stem, 8 basic blocks, head
+  if (name == "resnet50") return 18;  // stem, 16 bottlenecks, head
+  return 0;
+}
+
 const std::vector<std::string>& model_names() {
   static const std::vector<std::string> names{"mlp", "cnn", "resnet18", "resnet50"};
   return names;

@@ -16,6 +16,8 @@ struct Micro {
   at::Tensor in, out, loss;     // out: the last block's output (logits on the last stage)
   comm::RequestPtr recv_act, recv_grad;
   at::Tensor act_buf, grad_buf;  // receive buffers (CPU: Gloo's point-to-point takes CPU tensors)
+  comm::RequestPtr send_act;    // the output going to the next stage (kept until it has arrived)
+  at::Tensor send_buf;
   int64_t held = 0;             // bytes of `in` and every block output
 };
 
@@ -72,16 +74,20 @@ StageStats Stage::run(int64_t rows, const at::Tensor& input, const at::Tensor& t
     mb[m].rows = rows / M + (m < rows % M ? 1 : 0);
     begin += static_cast<int>(mb[m].rows);
   }
-  const double valid = last ? (mask.defined() ? std::max(1.0, mask.sum().item<double>()) : static_cast<double>(rows)) : 1.0;
+  at::Tensor valid_t = last && mask.defined() ? mask.sum() : at::Tensor();
+  const double valid = last ? (mask.defined() ? std::max(1.0, valid_t.item<double>()) : static_cast<double>(rows)) : 1.0;
   const int fwd_tag = o_.tag, bwd_tag = o_.tag + M;
 
   StageStats st;
   st.micro_batches = M;
-  std::vector<std::pair<comm::RequestPtr, at::Tensor>> sends;
+  at::Tensor loss_sum, hits;  // last stage: read once, after the schedule
+  comm::RequestPtr grad_send;  // the previous backward's input gradient, until it has arrived
+  at::Tensor grad_send_buf;
   int64_t held = 0;
   const auto t_run = Clock::now();
-  auto trace = [&](const std::string& name, Clock::time_point a, Clock::time_point b) {
-    if (o_.trace) o_.trace->span(name, "stage " + std::to_string(o_.stage), a, b);
+  const std::string track = "stage " + std::to_string(o_.stage);
+  auto trace = [&](const char* what, int micro, Clock::time_point a, Clock::time_point b) {
+    if (o_.trace) o_.trace->span(std::string(what) + std::to_string(micro), track, a, b);
   };
   auto post_act = [&](int m) {
     if (first || m >= M || mb[m].recv_act) return;
@@ -90,12 +96,18 @@ StageStats Stage::run(int64_t rows, const at::Tensor& input, const at::Tensor& t
     mb[m].act_buf = at::empty(shape, at::kFloat);
     mb[m].recv_act = comm_->recv_async(mb[m].act_buf, o_.prev, fwd_tag + m);
   };
-  auto wait = [&](const comm::RequestPtr& r, const std::string& what) {
+  auto wait = [&](comm::RequestPtr& r, const char* what, int micro) {
     const auto t0 = Clock::now();
     r->wait(comm_->timeout());
+    r.reset();
     const auto t1 = Clock::now();
     st.wait_s += seconds(t1 - t0);
-    trace(what, t0, t1);
+    trace(what, micro, t0, t1);
+  };
+  auto send = [&](at::Tensor t, int to, int tag, comm::RequestPtr& req, at::Tensor& keep) {
+    keep = cpu(t);
+    st.bytes_sent += bytes_of(keep);
+    req = comm_->send_async(keep, to, tag);
   };
 
   for (const Op& op : schedule) {
@@ -110,9 +122,8 @@ StageStats Stage::run(int64_t rows, const at::Tensor& input, const at::Tensor& t
       } else {
         post_act(op.micro);
         post_act(op.micro + 1);  // one ahead: its transfer overlaps this forward
-        wait(u.recv_act, "recv activation " + std::to_string(op.micro) + " from rank " + std::to_string(o_.prev));
+        wait(u.recv_act, "recv activation ", op.micro);
         u.in = u.act_buf.to(device).requires_grad_(true);
-        u.recv_act.reset();
       }
       const auto t0 = Clock::now();
       at::Tensor x = u.in;
@@ -132,41 +143,49 @@ StageStats Stage::run(int64_t rows, const at::Tensor& input, const at::Tensor& t
           hit = hit & mk.to(at::kBool);
         }
         u.loss = per.sum() / valid;
-        st.loss += u.loss.item<double>();
-        st.correct += hit.sum().item<double>();
+        auto l = u.loss.detach();
+        loss_sum = loss_sum.defined() ? loss_sum + l : l;
+        auto h = hit.sum();
+        hits = hits.defined() ? hits + h : h;
       } else {
         // The gradient of this output comes back from the next stage: post its receive now.
         u.grad_buf = at::empty(x.sizes(), at::kFloat);
         u.recv_grad = comm_->recv_async(u.grad_buf, o_.next, bwd_tag + op.micro);
-        auto out = cpu(x.detach());
-        sends.emplace_back(comm_->send_async(out, o_.next, fwd_tag + op.micro), out);
+        send(x.detach(), o_.next, fwd_tag + op.micro, u.send_act, u.send_buf);
       }
       held += u.held;
       st.peak_activation_bytes = std::max(st.peak_activation_bytes, held);
       const auto t1 = Clock::now();
       st.busy_s += seconds(t1 - t0);
-      trace("F" + std::to_string(op.micro), t0, t1);
+      trace("F", op.micro, t0, t1);
     } else {
       const bool final_op = &op == &schedule.back();
       if (before_backward) before_backward(final_op);
-      if (!last) wait(u.recv_grad, "recv gradient " + std::to_string(op.micro) + " from rank " + std::to_string(o_.next));
+      if (!last) {
+        wait(u.recv_grad, "recv gradient ", op.micro);
+        // Its gradient is back, so the next stage has the activation: the send is done.
+        wait(u.send_act, "send activation ", op.micro);
+      }
       const auto t0 = Clock::now();
       if (last) u.loss.backward();
       else u.out.backward(u.grad_buf.to(device));
       if (!first) {
-        auto g = cpu(u.in.grad());
-        sends.emplace_back(comm_->send_async(g, o_.prev, bwd_tag + op.micro), g);
+        if (grad_send) wait(grad_send, "send gradient ", op.micro - 1);  // the previous one; usually arrived
+        send(u.in.grad(), o_.prev, bwd_tag + op.micro, grad_send, grad_send_buf);
       }
       held -= u.held;
       u = Micro{};  // frees the activations
       const auto t1 = Clock::now();
       st.busy_s += seconds(t1 - t0);
-      trace("B" + std::to_string(op.micro), t0, t1);
+      trace("B", op.micro, t0, t1);
     }
   }
-  // A send's tensor must live until it is delivered.
-  for (auto& [r, t] : sends) wait(r, "send");
-  if (last) st.count = mask.defined() ? mask.sum().item<double>() : static_cast<double>(rows);
+  if (grad_send) wait(grad_send, "send gradient ", M - 1);  // the tensor must live until delivered
+  if (last) {
+    st.loss = loss_sum.item<double>();
+    st.correct = hits.item<double>();
+    st.count = mask.defined() ? valid_t.item<double>() : static_cast<double>(rows);
+  }
   st.span_s = seconds_since(t_run);
   return st;
 }

@@ -42,7 +42,8 @@ StepOutput PipelineStep::run(data::Batch& batch, int64_t, int64_t) {
   const auto st = pipe_->step(batch.input.size(0), x, y, last ? batch.mask : at::Tensor());
   // Forward and backward interleave; the schedule is one span.
   out.bwd = out.sync = Clock::now();
-  if (auto* g = pipe_->gsync()) out.bytes = g->last_times().bytes;
+  // Activations and gradients to the neighbours, and the stage's gradient average.
+  out.bytes = st.bytes_sent + (pipe_->gsync() ? pipe_->gsync()->last_times().bytes : 0);
   out.opt = Clock::now();
   optimizer_->step();
   out.end = Clock::now();

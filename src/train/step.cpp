@@ -111,7 +111,6 @@ Roles make_roles(const TrainOptions& o, int rank, int world) {
     // Checked here, before any collective, so that every rank fails alike.
     TANDEM_CHECK(world % o.pp == 0, "--pp ", o.pp, ": the world size ", world, " is not a multiple of the stage "
                  "count; start D x ", o.pp, " ranks (--nproc), D data-parallel replicas of a ", o.pp, "-stage pipeline");
-    r.pp = o.pp;
     r.trainers = world / o.pp;
     r.trainer_index = rank / o.pp;
     r.log_rank = o.pp - 1;  // the last stage of replica 0 sees the loss

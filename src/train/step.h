@@ -44,7 +44,6 @@ struct Roles {
   int trainers = 1;       // ranks that compute gradients (pp: replicas)
   int trainer_index = 0;  // this rank's index among them (-1 for a server; pp: its replica)
   int log_rank = 0;       // the first training rank: progress, results JSON, weights (pp: the last stage)
-  int pp = 1;             // pipeline stages
   sync::ps::PsOptions pso;
 };
 Roles make_roles(const TrainOptions& o, int rank, int world);

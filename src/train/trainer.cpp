@@ -110,6 +110,8 @@ void validate(const TrainOptions& o) {
   TANDEM_CHECK(o.pp_balance == "time" || o.pp_balance == "params", "--pp-balance '", o.pp_balance,
                "' is unknown: choose time (profile each block, cut the slowest stage down) or params");
   if (o.pp > 1) {
+    if (const int n = models::block_count(o.model); n > 0)
+      TANDEM_CHECK(o.pp <= n, "--pp ", o.pp, ": the model has only ", n, " blocks to cut into stages; use --pp <= ", n);
     TANDEM_CHECK(o.strategy == "ddp" || o.strategy == "ring", "--pp ", o.pp, " with --strategy ", o.strategy,
                  ": pipeline stages synchronise their replicas with ddp or ring",
                  o.strategy == "ps" ? " (the parameter server holds whole models' gradients, which no stage has)" : "");
@@ -314,7 +316,7 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
     std::fprintf(stderr,
                  "[tandem] strategy %s (%s), world %d, %d training rank%s, batch %lld per rank, %d thread%s per rank\n"
                  "[tandem] mode: %s; %s\n",
-                 o.strategy.c_str(), method_name(o.strategy).c_str(), world_, roles_.trainers,
+                 o.strategy.c_str(), method_name(o).c_str(), world_, roles_.trainers,
                  roles_.trainers == 1 ? "" : "s", static_cast<long long>(o.batch_size), threads_,
                  threads_ == 1 ? "" : "s", plan_.describe().c_str(), pp_.describe.c_str());
     if (!plan_.model.is_cuda()) {
@@ -557,6 +559,9 @@ EpochResult Trainer::combine(EpochSums& s, int64_t steps, double local_seconds) 
   comm_->all_reduce(tmax, comm::ReduceOp::kMax);
   const double tt = tmax.item<double>() + st_.elapsed;
   const double T = roles_.trainers;
+  // Ranks that add per-rank times and bytes: with --pp every stage of every
+  // replica (T counts replicas, for losses and samples).
+  const double R = o_.pp > 1 ? static_cast<double>(world_) : T;
   const double syncs = static_cast<double>((steps + o_.grad_accum - 1) / o_.grad_accum);
   EpochResult er;
   er.epoch = st_.epoch;
@@ -565,18 +570,18 @@ EpochResult Trainer::combine(EpochSums& s, int64_t steps, double local_seconds) 
   er.train_accuracy = g.correct / std::max(1.0, g.count);
   er.train_throughput = g.count / tt;
   er.avg_batch_time = tt / static_cast<double>(steps);
-  er.comm_bytes = g.bytes / T / static_cast<double>(std::max<int64_t>(1, steps));
+  er.comm_bytes = g.bytes / R / static_cast<double>(std::max<int64_t>(1, steps));
   if (bal_.on)
     for (auto b : bal_.batch) er.shares.push_back(static_cast<double>(b) / static_cast<double>(o_.batch_size * roles_.trainers));
   if (roles_.ps) {
     er.avg_comm_time_pull = g.pull / syncs / T;
     er.avg_comm_time_push = g.push / syncs / T;
   } else {
-    er.avg_comm_time = g.comm / syncs / T;
-    er.avg_comm_wait = g.wait / syncs / T;
+    er.avg_comm_time = g.comm / syncs / R;
+    er.avg_comm_wait = g.wait / syncs / R;
   }
-  er.pipeline.stall_fraction = g.data_wait / T / tt;
-  er.pipeline.data_busy_pct = 100.0 * g.worker_busy / T / (tt * std::max(1, pp_.num_workers));
+  er.pipeline.stall_fraction = g.data_wait / R / tt;
+  er.pipeline.data_busy_pct = 100.0 * g.worker_busy / R / (tt * std::max(1, pp_.num_workers));
   er.pipeline.model_busy_pct = 100.0 * (1.0 - er.pipeline.stall_fraction);
   er.pipeline.mean_buffer_fill = g.fill_sum / std::max(1.0, g.fill_samples);
   er.pipeline.bad_samples = static_cast<int64_t>(g.bad_samples);

@@ -37,6 +37,11 @@ struct RendezvousOptions {
   std::string store_prefix;
   // auto | gloo | shm | hybrid (see choose_comm).
   std::string comm = "auto";
+  // Shared memory: how long a waiting rank spins before it sleeps (ns);
+  // unset: ShmOptions' default. TANDEM_SHM_SPIN_NS overrides both. Pipeline
+  // stages use 0: they compute with receives posted, and a spinning engine
+  // thread would take the core.
+  std::optional<std::int64_t> shm_spin_ns;
   // Rank 0 writes one line to stderr saying which communicator was chosen and why.
   bool verbose = false;
   // Checks (comm/checked.h): rank 0 names the ranks that have not reached a

@@ -36,6 +36,8 @@ struct ModelSpec {
 };
 
 const std::vector<std::string>& model_names();
+// How many blocks make_model gives the named model (0 for an unknown name).
+int block_count(const std::string& name);
 // Throws tandem::Error naming the unknown model and the accepted names.
 Model make_model(const ModelSpec& spec);
 

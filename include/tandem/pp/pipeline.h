@@ -95,6 +95,7 @@ struct StageStats {
   double busy_s = 0;     // forward and backward computing
   double wait_s = 0;     // waiting for activations or gradients
   int64_t peak_activation_bytes = 0;  // most bytes of inputs and block outputs held for backward
+  int64_t bytes_sent = 0;             // activations and gradients sent to the neighbours
 };
 
 class Stage {

@@ -86,6 +86,7 @@ class ShmCommunicator : public Communicator {
     const int me = index_in(ranks);
     if (ranks.size() == 1) return make_single();
     ShmOptions o = opts_;
+    o.spin_ns = -1;  // the default: a group's own collectives, whatever the parent's waits do
     o.rank_labels.clear();
     for (int r : ranks) o.rank_labels.push_back(labels_[static_cast<size_t>(r)]);
     return make_shm(c10::make_intrusive<c10d::PrefixStore>("tandem/sub/" + name + "/", store_), me,
