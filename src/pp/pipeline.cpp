@@ -1,6 +1,8 @@
 // A model's pipeline on one rank of D x K: the cut, the stage, the stage's
 // data-parallel group. See include/tandem/pp/pipeline.h.
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <unordered_map>
 
 #include <torch/torch.h>
@@ -81,14 +83,25 @@ Pipeline::Pipeline(models::Model model, comm::CommunicatorPtr comm, PipelineOpti
   if (o_.balance == "params") {
     costs_ = block_params(model_.blocks);
   } else {
-    // Rank 0 measures, everyone cuts by its numbers.
+    // Rank 0 measures, everyone cuts by its numbers. A failed profile
+    // (out of memory, say) is sent as NaN, so that every rank fails now
+    // instead of waiting for a broadcast until the timeout.
     auto t = at::zeros({n}, at::kDouble);
+    std::string failure;
     if (rank == 0) {
-      auto c = profile_blocks(model_.blocks, at::randn(shape, at::TensorOptions(device)));
-      for (int i = 0; i < n; ++i) t[i] = c[static_cast<size_t>(i)];
+      try {
+        auto c = profile_blocks(model_.blocks, at::randn(shape, at::TensorOptions(device)));
+        for (int i = 0; i < n; ++i) t[i] = c[static_cast<size_t>(i)];
+      } catch (const std::exception& e) {
+        failure = e.what();
+        t.fill_(std::numeric_limits<double>::quiet_NaN());
+      }
     }
     comm_->broadcast(t, 0);
     costs_.assign(t.data_ptr<double>(), t.data_ptr<double>() + n);
+    TANDEM_CHECK(std::isfinite(costs_.front()), "--pp-balance time: profiling the model's blocks on rank 0 failed",
+                 failure.empty() ? std::string(" (see rank 0's message)") : ": " + failure,
+                 "; use --pp-balance params, or a smaller --batch-size");
   }
   cut_ = partition_min_max(costs_, K);
   if (o_.log) {

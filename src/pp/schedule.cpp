@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <limits>
 
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include "tandem/pp/pipeline.h"
@@ -100,14 +101,21 @@ std::vector<double> profile_blocks(const std::vector<models::Block>& blocks, con
   for (const auto& b : blocks)
     for (const auto& t : b.buffers()) saved.push_back(t.clone());
   std::vector<std::vector<double>> runs(blocks.size());
+  // A device runs asynchronously: time what it did, not what was queued.
+  const bool cuda = input.is_cuda();
+  auto sync = [cuda] {
+    if (cuda) torch::cuda::synchronize();
+  };
   for (int rep = 0; rep <= repeats; ++rep) {
     at::Tensor x = input;
     for (size_t i = 0; i < blocks.size(); ++i) {
       auto in = x.detach().requires_grad_(i > 0);
+      sync();
       const auto t0 = Clock::now();
       auto y = blocks[i].forward(in);
       auto g = torch::ones_like(y);
       y.backward(g);
+      sync();
       if (rep > 0) runs[i].push_back(seconds_since(t0));  // the first run warms up
       x = y.detach();
     }
