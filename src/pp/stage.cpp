@@ -34,14 +34,10 @@ Stage::Stage(std::vector<models::Block> blocks, comm::CommunicatorPtr comm, Stag
   TANDEM_CHECK(o_.stage == 0 || (o_.prev >= 0 && !o_.input_shape.empty()),
                "pipeline stage ", o_.stage, " needs the previous stage's rank and its input shape");
   TANDEM_CHECK(o_.stage == o_.stages - 1 || o_.next >= 0, "pipeline stage ", o_.stage, " needs the next stage's rank");
+  for (const auto& b : blocks_)
+    for (auto& p : b.parameters()) params_.push_back(p);
 }
 
-std::vector<at::Tensor> Stage::parameters() const {
-  std::vector<at::Tensor> out;
-  for (const auto& b : blocks_)
-    for (auto& p : b.parameters()) out.push_back(p);
-  return out;
-}
 
 const StageOps& Stage::ops(int micro) {
   auto it = schedules_.find(micro);
@@ -62,9 +58,8 @@ StageStats Stage::run(int64_t rows, const at::Tensor& input, const at::Tensor& t
   const int M = static_cast<int>(std::min<int64_t>(o_.micro_batches, rows));
   const StageOps& schedule = ops(M);
   // Where the stage computes: its parameters' device (the input's for a stage without any).
-  const auto params = blocks_.front().parameters();
-  const c10::Device device = params.empty() ? (input.defined() ? input.device() : c10::Device(c10::kCPU))
-                                            : params.front().device();
+  const c10::Device device = params_.empty() ? (input.defined() ? input.device() : c10::Device(c10::kCPU))
+                                             : params_.front().device();
   auto cpu = [](const at::Tensor& t) { return t.is_cpu() ? t.contiguous() : t.to(at::kCPU).contiguous(); };
 
   // Micro-batch sizes differ by at most one; the first ones take the extra rows.

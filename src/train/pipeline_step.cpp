@@ -15,10 +15,7 @@ PipelineStep::PipelineStep(const TrainOptions& o, const Roles& roles, models::Mo
   po.schedule = pp::parse_schedule(o.schedule);
   po.balance = o.pp_balance;
   po.sync = o.strategy;
-  po.ddp.bucket_mb = o.bucket_mb;
-  po.ddp.compress = sync::parse_compress(o.compress);
-  po.ddp.compress.warmup = o.compress_warmup;
-  po.ddp.seed = o.seed;
+  po.ddp = ddp_options(o);
   po.micro_rows = std::max<int64_t>(1, o.batch_size / o.micro_batches);
   po.trace = trace;
   po.log = comm_->rank() == roles.log_rank && !o.quiet;

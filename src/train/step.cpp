@@ -118,14 +118,19 @@ Roles make_roles(const TrainOptions& o, int rank, int world) {
   return r;
 }
 
+sync::DdpOptions ddp_options(const TrainOptions& o) {
+  sync::DdpOptions d;
+  d.bucket_mb = o.bucket_mb;
+  d.compress = sync::parse_compress(o.compress);
+  d.compress.warmup = o.compress_warmup;
+  d.seed = o.seed;
+  return d;
+}
+
 DataParallelStep::DataParallelStep(const TrainOptions& o, const Roles& roles, models::Model model,
                                    comm::CommunicatorPtr comm, c10::Device model_device)
     : o_(o), roles_(roles), model_(std::move(model)), comm_(std::move(comm)), device_(model_device) {
-  sync::DdpOptions ddpo;
-  ddpo.bucket_mb = o.bucket_mb;
-  ddpo.compress = sync::parse_compress(o.compress);
-  ddpo.compress.warmup = o.compress_warmup;
-  ddpo.seed = o.seed;
+  const sync::DdpOptions ddpo = ddp_options(o);
   if (o.sync_every > 1) {
     // Local SGD: the same start, then parameter averages every --sync-every steps.
     sync::broadcast_module(*model_.module, *comm_);

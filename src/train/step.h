@@ -47,6 +47,9 @@ struct Roles {
   sync::ps::PsOptions pso;
 };
 Roles make_roles(const TrainOptions& o, int rank, int world);
+// The synchroniser's options from the flags (buckets, compression, seed):
+// the data-parallel step's and a pipeline stage's group's.
+sync::DdpOptions ddp_options(const TrainOptions& o);
 
 // What one step did, for the observers.
 struct StepOutput {

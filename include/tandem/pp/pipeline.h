@@ -115,14 +115,13 @@ class Stage {
   StageStats run(int64_t rows, const at::Tensor& input, const at::Tensor& target, const at::Tensor& mask,
                  const std::function<void(bool last)>& before_backward = {});
 
-  const StageOptions& options() const { return o_; }
-  const std::vector<models::Block>& blocks() const { return blocks_; }
-  std::vector<at::Tensor> parameters() const;
+  const std::vector<at::Tensor>& parameters() const { return params_; }
   // The ops of a step with `micro` micro-batches (cached).
   const StageOps& ops(int micro);
 
  private:
   std::vector<models::Block> blocks_;
+  std::vector<at::Tensor> params_;  // the blocks' parameters, in order
   comm::CommunicatorPtr comm_;
   StageOptions o_;
   std::map<int, StageOps> schedules_;
@@ -177,7 +176,7 @@ class Pipeline {
   const std::vector<double>& block_costs() const { return costs_; }    // seconds (time) or counts (params)
   std::vector<double> predicted_stage_costs() const;
   const models::Model& model() const { return model_; }
-  std::vector<at::Tensor> parameters() const { return stage_->parameters(); }
+  const std::vector<at::Tensor>& parameters() const { return stage_->parameters(); }
   sync::GradientSync* gsync() { return gsync_.get(); }
   Stage& stage_executor() { return *stage_; }
 
