@@ -95,6 +95,7 @@ void register_bench(CLI::App& app) {
   register_bench_serve(*bench);
 #endif
   register_bench_pp(*bench);
+  register_bench_infer(*bench);
   auto* sub = bench->add_subcommand(
       "comm",
       "Time all-reduce over message sizes: each communicator's own all-reduce (rows named gloo, shm, hybrid), "

@@ -13,6 +13,8 @@ void register_report(CLI::App& app);
 void register_bench(CLI::App& app);
 // `tandem bench pp` (bench_pp.cpp).
 void register_bench_pp(CLI::App& bench);
+// `tandem bench infer` (bench_infer.cpp).
+void register_bench_infer(CLI::App& bench);
 // `tandem serve` and `tandem bench serve` (builds with cpp-httplib only: TANDEM_HAVE_SERVE).
 void register_serve(CLI::App& app);
 void register_bench_serve(CLI::App& bench);

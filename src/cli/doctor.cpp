@@ -17,6 +17,7 @@
 #include "tandem/data/idx.h"
 #include "tandem/data/loader.h"
 #include "tandem/device/device.h"
+#include "tandem/device/policy.h"
 #include "tandem/models/models.h"
 #include "tandem/util/check.h"
 #include "tandem/util/clock.h"
@@ -130,6 +131,32 @@ void register_doctor(CLI::App& app) {
       d.not_available("CUDA devices", "none visible (CPU-only LibTorch or no driver); CPU training works");
     else
       d.check("CUDA devices", [&] { return std::to_string(ncuda) + " visible"; });
+    d.mark("PASS", "CPU features", device::cpu_info().describe());
+    device::DeviceChoice serve_device;
+    d.check("device policy (--device auto)", [&] {
+      serve_device = device::choose_device("auto");
+      return serve_device.reason;
+    });
+    d.check("inference policy (cnn, untrained)", [&] {
+      // What `tandem serve --precision auto --max-batch auto` would decide on
+      // speed; the served model's own accuracy check happens at its start-up.
+      device::PolicyOptions po;
+      po.require_accuracy_check = false;
+      po.probe_ms = 100;
+      auto c = device::choose([] { return models::make_model({"cnn"}); }, serve_device.device, po, {}, nullptr);
+      std::string trials;
+      for (const auto& t : c.trials)
+        trials += std::string(trials.empty() ? "" : "; ") + device::to_string(t.precision) + " " +
+                  (t.ran ? fmt("%.2f ms", t.ms_per_batch) : std::string("refused"));
+      return std::string("precision ") + device::to_string(c.precision) + ", max batch " +
+             std::to_string(c.max_batch) + " (seed default " + std::to_string(c.seed_batch) + "); batch " +
+             std::to_string(c.probe_batch) + ": " + trials;
+    });
+    d.mark("PASS", "training precision",
+           device::cpu_info().native_bf16()
+               ? "--precision bf16 runs with autocast on this CPU (native bf16); fp16 with a loss scaler needs CUDA"
+               : "--precision bf16 runs on this CPU without native bf16 (emulated, likely slower); fp16 needs "
+                 "CUDA");
     device::Plan plan;
     d.check("requested devices", [&] {
       plan = device::plan(f->data_device, f->model_device);

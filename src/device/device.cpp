@@ -36,6 +36,21 @@ int64_t free_memory_bytes(const c10::Device& device) {
 #endif
 }
 
+int64_t used_memory_bytes(const c10::Device& device) {
+  if (!device.is_cuda()) return -1;
+#if TANDEM_HAVE_CUDA
+  c10::cuda::CUDAGuard guard(device);
+  size_t free = 0, total = 0;
+  if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  return static_cast<int64_t>(total - free);
+#else
+  return -1;
+#endif
+}
+
 BlasInfo blas_info() {
   BlasInfo b;
   // The library that provides sgemm_ to this process: the one LibTorch calls.

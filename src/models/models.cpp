@@ -2,10 +2,26 @@
 
 #include <torch/torch.h>
 
+#include "tandem/models/linear.h"
 #include "tandem/models/resnet.h"
 #include "tandem/util/check.h"
 
 namespace tandem::models {
+
+namespace {
+thread_local const LinearOverride* t_linear_override = nullptr;
+}  // namespace
+
+LinearOverrideScope::LinearOverrideScope(const LinearOverride* o) : previous_(t_linear_override) {
+  t_linear_override = o;
+}
+LinearOverrideScope::~LinearOverrideScope() { t_linear_override = previous_; }
+
+at::Tensor linear(torch::nn::LinearImpl& layer, const at::Tensor& x) {
+  at::Tensor out;
+  if (t_linear_override && t_linear_override->forward(layer, x, out)) return out;
+  return layer.forward(x);
+}
 
 CnnImpl::CnnImpl(int64_t in_channels, int64_t height, int64_t width, int64_t num_classes) {
   conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(in_channels, 32, 3).padding(1)));
@@ -17,8 +33,8 @@ CnnImpl::CnnImpl(int64_t in_channels, int64_t height, int64_t width, int64_t num
 at::Tensor CnnImpl::forward(const at::Tensor& input) {
   auto x = torch::max_pool2d(torch::relu(conv1->forward(input)), 2);
   x = torch::max_pool2d(torch::relu(conv2->forward(x)), 2);
-  x = torch::relu(fc1->forward(x.flatten(1)));
-  return fc2->forward(x);
+  x = torch::relu(linear(*fc1, x.flatten(1)));
+  return linear(*fc2, x);
 }
 
 MlpImpl::MlpImpl(int64_t in_features, int64_t num_classes) {
@@ -28,9 +44,9 @@ MlpImpl::MlpImpl(int64_t in_features, int64_t num_classes) {
 }
 
 at::Tensor MlpImpl::forward(const at::Tensor& input) {
-  auto x = torch::relu(fc1->forward(input.flatten(1)));
-  x = torch::relu(fc2->forward(x));
-  return fc3->forward(x);
+  auto x = torch::relu(linear(*fc1, input.flatten(1)));
+  x = torch::relu(linear(*fc2, x));
+  return linear(*fc3, x);
 }
 
 int block_count(const std::string& name) {
@@ -70,16 +86,16 @@ std::vector<Block> cnn_blocks(const std::shared_ptr<CnnImpl>& m) {
            Mods{m->conv1.ptr()}},
           {"conv2", [c = m->conv2.ptr()](const at::Tensor& x) { return torch::max_pool2d(torch::relu(c->forward(x)), 2); },
            Mods{m->conv2.ptr()}},
-          {"fc1", [f = m->fc1.ptr()](const at::Tensor& x) { return torch::relu(f->forward(x.flatten(1))); },
+          {"fc1", [f = m->fc1.ptr()](const at::Tensor& x) { return torch::relu(linear(*f, x.flatten(1))); },
            Mods{m->fc1.ptr()}},
-          {"fc2", [f = m->fc2.ptr()](const at::Tensor& x) { return f->forward(x); }, Mods{m->fc2.ptr()}}};
+          {"fc2", [f = m->fc2.ptr()](const at::Tensor& x) { return linear(*f, x); }, Mods{m->fc2.ptr()}}};
 }
 
 std::vector<Block> mlp_blocks(const std::shared_ptr<MlpImpl>& m) {
-  return {{"fc1", [f = m->fc1.ptr()](const at::Tensor& x) { return torch::relu(f->forward(x.flatten(1))); },
+  return {{"fc1", [f = m->fc1.ptr()](const at::Tensor& x) { return torch::relu(linear(*f, x.flatten(1))); },
            Mods{m->fc1.ptr()}},
-          {"fc2", [f = m->fc2.ptr()](const at::Tensor& x) { return torch::relu(f->forward(x)); }, Mods{m->fc2.ptr()}},
-          {"fc3", [f = m->fc3.ptr()](const at::Tensor& x) { return f->forward(x); }, Mods{m->fc3.ptr()}}};
+          {"fc2", [f = m->fc2.ptr()](const at::Tensor& x) { return torch::relu(linear(*f, x)); }, Mods{m->fc2.ptr()}},
+          {"fc3", [f = m->fc3.ptr()](const at::Tensor& x) { return linear(*f, x); }, Mods{m->fc3.ptr()}}};
 }
 
 // The stem, every residual block, and the head, as ResNetImpl::forward runs them.
@@ -107,7 +123,7 @@ std::vector<Block> resnet_blocks(const std::shared_ptr<torch::nn::Module>& modul
     else add_residual_blocks<BottleneckImpl>(out, *layers[l], name);
   }
   out.push_back({"fc",
-                 [f = r->fc.ptr()](const at::Tensor& x) { return f->forward(torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1)); },
+                 [f = r->fc.ptr()](const at::Tensor& x) { return linear(*f, torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1)); },
                  Mods{r->fc.ptr()}});
   return out;
 }

@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include "tandem/models/linear.h"
 #include "tandem/util/check.h"
 
 namespace tandem::models {
@@ -113,7 +114,7 @@ at::Tensor ResNetImpl::forward(at::Tensor x) {
   x = layer3->forward(x);
   x = layer4->forward(x);
   x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1);
-  return fc->forward(x);
+  return linear(*fc, x);
 }
 
 std::shared_ptr<torch::nn::Module> make_resnet(int depth, int64_t num_classes, int64_t in_channels) {

@@ -101,6 +101,10 @@ std::string Metrics::to_prometheus() const {
      << "# TYPE tandem_serve_max_batch gauge\ntandem_serve_max_batch " << max_batch << '\n'
      << "# HELP tandem_serve_in_flight Prediction requests being handled.\n"
      << "# TYPE tandem_serve_in_flight gauge\ntandem_serve_in_flight " << in_flight << '\n';
+  if (device_memory_bytes >= 0)
+    os << "# HELP tandem_serve_device_memory_bytes Memory in use on the serving device (every process's).\n"
+       << "# TYPE tandem_serve_device_memory_bytes gauge\ntandem_serve_device_memory_bytes{device=\"" << device
+       << "\"} " << device_memory_bytes << '\n';
   return os.str();
 }
 

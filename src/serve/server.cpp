@@ -469,6 +469,7 @@ void Server::Impl::setup_routes() {
     m.queue_depth = batcher->queue_depth();
     m.max_batch = batcher->max_batch();
     m.in_flight = in_flight.load();
+    if (r.o.device_memory) m.device_memory_bytes = r.o.device_memory();
     res.set_content(m.to_prometheus(), "text/plain; version=0.0.4");
   });
   // Answers httplib made itself (malformed request, body too large, no such
@@ -628,6 +629,7 @@ Metrics Server::snapshot() const {
     m.max_batch = d.batcher->max_batch();
   }
   m.in_flight = d.in_flight.load();
+  if (d.r.o.device_memory) m.device_memory_bytes = d.r.o.device_memory();
   return m;
 }
 

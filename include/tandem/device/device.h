@@ -18,6 +18,9 @@ int cuda_device_count();
 // Free memory of a CUDA device now (cudaMemGetInfo, which counts what other
 // processes hold); 0 for the CPU or in a build without CUDA.
 int64_t free_memory_bytes(const c10::Device& device);
+// Memory of a CUDA device in use now (total - free, every process's); -1 for
+// the CPU or in a build without CUDA.
+int64_t used_memory_bytes(const c10::Device& device);
 
 // The BLAS library this process loaded (LibTorch's CPU matrix multiplies, so
 // every linear layer, go through it), as the dynamic linker resolved sgemm_. Debian's

@@ -87,6 +87,8 @@ struct ServeOptions {
   std::string model_name = "model";
   std::string device = "cpu";
   std::string precision = "fp32";
+  // Device memory in use (bytes) for /metrics; nullptr or a negative answer: not shown.
+  std::function<int64_t()> device_memory;
 };
 
 // Buckets are upper bounds (Prometheus "le"); counts[i] is the number of
@@ -111,6 +113,7 @@ struct Metrics {
   int64_t queue_depth = 0;  // rows waiting now
   int64_t max_batch = 0;    // now (smaller than configured after OOM)
   int64_t in_flight = 0;    // prediction requests being handled now
+  int64_t device_memory_bytes = -1;  // CUDA: memory in use on the device; -1: not reported
   std::string model, device, precision;
   uint64_t errors() const;  // requests answered with status >= 400
   std::string to_prometheus() const;

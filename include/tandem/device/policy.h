@@ -1,0 +1,131 @@
+#pragma once
+// The device policy: which device, precision and batch size a model runs at
+// on this machine. `tandem serve`, `tandem bench infer` and `tandem doctor`
+// share it (training takes its device from device::plan and its precision
+// from --precision).
+//
+// Decisions are measured, not assumed, and each carries its reason for the log:
+//  - device: "auto" is the first CUDA device when LibTorch sees one, else the
+//    CPU, saying why (no CUDA in this build, no driver, no device).
+//  - precision: candidates in order, fp16 then fp32 on a GPU; bf16 (when the
+//    CPU has native bf16 instructions), int8 (dynamic quantisation of the
+//    linear layers, when a quantised engine is built in), then fp32 on the CPU.
+//    A candidate is taken when it runs, is measured at least `min_speedup`
+//    times faster than fp32, and loses at most `max_accuracy_drop` of the
+//    validation accuracy; otherwise the next one is tried and the log says why.
+//  - batch: the seed's defaults (16 on a GPU, 4 on the CPU), refined to the
+//    largest power of two whose forward pass stays under max_latency_ms.
+#include <functional>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include "tandem/models/models.h"
+
+namespace tandem::device {
+
+enum class Precision { kFp32, kBf16, kFp16, kInt8 };
+const char* to_string(Precision p);
+// fp32 | bf16 | fp16 | int8; throws tandem::Error naming `flag` and the accepted values.
+Precision parse_precision(const std::string& s, const std::string& flag = "--precision");
+
+// --device: "auto", or what device::parse accepts.
+struct DeviceChoice {
+  c10::Device device{c10::kCPU};
+  std::string reason;
+};
+DeviceChoice choose_device(const std::string& spec, const std::string& flag = "--device", int local_rank = 0);
+
+// What the CPU offers, from /proc/cpuinfo's flags and the LibTorch build.
+struct CpuInfo {
+  std::string model;            // "AMD EPYC ..." (empty when unknown)
+  bool avx512_bf16 = false;     // native bf16 dot products
+  bool amx_bf16 = false;        // Intel AMX tiles
+  bool avx512_vnni = false;     // int8 dot products
+  std::vector<std::string> quantized_engines;  // "onednn", "qnnpack", "fbgemm", "x86"
+  bool native_bf16() const { return avx512_bf16 || amx_bf16; }
+  std::string describe() const;
+};
+CpuInfo cpu_info();
+
+// The forward of a model made ready for inference: float [B, C, H, W] in,
+// float logits out, whatever runs inside.
+using Forward = std::function<at::Tensor(const at::Tensor&)>;
+
+// Moves `model` to `dev` at precision `p` (in place: its parameters are
+// converted, or for int8 its linear layers are prepacked) and returns its
+// forward under InferenceMode in eval mode. Throws tandem::Error when this
+// build or device cannot run it (int8 on CUDA, no quantised engine).
+// A precision may also fail only when it first runs (fp16 convolutions on
+// the CPU): the policy runs each candidate before it trusts it.
+Forward prepare(models::Model& model, Precision p, const c10::Device& dev);
+
+// The candidates "auto" tries on `dev`, best first; fp32 is always last.
+std::vector<Precision> candidates(const c10::Device& dev, const CpuInfo& cpu);
+
+struct PolicyOptions {
+  std::string precision = "auto";  // auto | fp32 | bf16 | fp16 | int8
+  int max_batch = 0;               // 0: auto
+  double max_latency_ms = 20;      // --max-batch auto: the forward pass may take this long
+  int max_batch_limit = 256;       // --max-batch auto tries powers of two up to this
+  double max_accuracy_drop = 0.005;  // 0.5 points
+  double min_speedup = 1.05;       // a lower precision must be this much faster than fp32
+  double probe_ms = 150;           // time spent timing each candidate (at least 3 runs)
+  std::vector<int64_t> input_shape{1, 28, 28};  // [C, H, W] of random probe inputs (no validation rows)
+  // Without validation rows, auto keeps fp32 (a lower precision's accuracy
+  // cannot be checked). false: decide by speed alone (`tandem doctor`, whose
+  // model is untrained; the notes say the accuracy was unchecked).
+  bool require_accuracy_check = true;
+};
+
+// One candidate as measured.
+struct Trial {
+  Precision precision;
+  bool ran = false;          // false: refused (why in note)
+  double ms_per_batch = 0;   // median forward time at the probe batch
+  double speedup = 0;        // fp32's time / this one's
+  double accuracy = -1;      // on the validation rows; -1: none given
+  bool chosen = false;
+  std::string note;
+};
+
+struct Choice {
+  c10::Device device{c10::kCPU};
+  Precision precision = Precision::kFp32;
+  std::string precision_reason;
+  int max_batch = 1;
+  std::string batch_reason;
+  int seed_batch = 4;   // the seed's default for this device: 16 on a GPU, 4 on the CPU
+  int probe_batch = 1;  // the batch the precisions were timed at (--max-batch, else seed_batch)
+  std::vector<Trial> trials;
+  std::vector<std::pair<int, double>> batch_ms;  // --max-batch auto: batch -> forward ms
+  Forward forward;                               // the chosen model, ready
+  std::string describe() const;                  // one line for the log
+};
+
+// Validation rows for the accuracy check: float normalised inputs [N, C, H, W]
+// and int64 labels [N]. Undefined tensors: no check is possible, so "auto"
+// keeps fp32 and an explicit lower precision is taken unchecked (both logged).
+struct Validation {
+  at::Tensor x, y;
+  bool defined() const { return x.defined() && y.defined() && x.size(0) > 0; }
+};
+
+// Runs the policy. `make` builds a fresh copy of the model on the CPU with
+// its weights (each candidate converts its own copy). Logs its steps to `log`
+// when given. Throws tandem::Error when even fp32 cannot run.
+Choice choose(const std::function<models::Model()>& make, const c10::Device& dev, const PolicyOptions& o,
+              const Validation& val, std::ostream* log = nullptr);
+
+// Median milliseconds of `f` on `x` after a warm-up, over at least 3 runs and
+// about `budget_ms` (CUDA: synchronised around each run).
+double time_forward(const Forward& f, const at::Tensor& x, double budget_ms);
+
+// Top-1 accuracy of `f` on `val`, `batch` rows at a time.
+double accuracy(const Forward& f, const Validation& val, int batch = 256);
+
+}  // namespace tandem::device
