@@ -1,5 +1,6 @@
 // Communicator: collectives and point-to-point over gloo, shm and hybrid,
-// ranks as threads; failure detection with ranks as real processes.
+// ranks as threads; failure detection with ranks as real processes; the
+// choice of NCCL, and NCCL's world of one where a GPU is present.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -8,6 +9,10 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <thread>
+
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
+#include <torch/cuda.h>
 
 #include "tandem/comm/communicator.h"
 #include "tandem/comm/rendezvous.h"
@@ -214,6 +219,89 @@ TEST(Comm, ChooseCommByHosts) {
   EXPECT_NE(e.find("--comm shm needs every rank on one host"), std::string::npos) << e;
   e = tandem::test::error_of([] { choose_comm("tcp", {"a"}); });
   EXPECT_NE(e.find("accepted: auto, gloo, shm, hybrid"), std::string::npos) << e;
+}
+
+// auto picks NCCL only for models each on a GPU of its own, and only in a
+// build with NCCL; CPU models keep the host-based choice (ChooseCommByHosts).
+TEST(Comm, ChooseCommNcclForGpuModels) {
+  using tandem::comm::choose_comm;
+  using tandem::comm::GpuLayout;
+  const bool nccl = tandem::comm::nccl_available();
+  std::string why;
+  EXPECT_EQ(choose_comm("auto", {"a", "a"}, &why, GpuLayout{2, 2}), nccl ? "nccl" : "shm") << why;
+  EXPECT_NE(why.find(nccl ? "a GPU per rank, NCCL" : "CUDA model, not NCCL: this build has none"), std::string::npos)
+      << why;
+  EXPECT_EQ(choose_comm("auto", {"a", "b"}, &why, GpuLayout{2, 2}), nccl ? "nccl" : "gloo") << why;
+  // Two ranks on one GPU: NCCL refuses that, so auto does not pick it.
+  EXPECT_EQ(choose_comm("auto", {"a", "a"}, &why, GpuLayout{2, 1}), "shm") << why;
+  EXPECT_NE(why.find(nccl ? "2 ranks share 1 GPU" : "this build has none"), std::string::npos) << why;
+  // Some ranks on the CPU: not a CUDA model.
+  EXPECT_EQ(choose_comm("auto", {"a", "a"}, &why, GpuLayout{1, 1}), "shm") << why;
+  EXPECT_EQ(why.find("CUDA"), std::string::npos) << why;
+  if (!nccl) {
+    auto e = tandem::test::error_of([] { choose_comm("nccl", {"a"}, nullptr, GpuLayout{1, 1}); });
+    EXPECT_NE(e.find("--comm nccl: this build of tandem has no NCCL"), std::string::npos) << e;
+    EXPECT_NE(e.find("use --comm gloo or auto"), std::string::npos) << e;
+    EXPECT_THROW(tandem::comm::validate_comm("nccl"), tandem::Error);
+  } else {
+    EXPECT_EQ(choose_comm("nccl", {"a", "b"}, nullptr, GpuLayout{2, 2}), "nccl");
+    auto e = tandem::test::error_of([] { choose_comm("nccl", {"a", "a"}, nullptr, GpuLayout{}); });
+    EXPECT_NE(e.find("the model is not on a GPU"), std::string::npos) << e;
+    e = tandem::test::error_of([] { choose_comm("nccl", {"a", "a"}, nullptr, GpuLayout{2, 1}); });
+    EXPECT_NE(e.find("needs a GPU per rank"), std::string::npos) << e;
+  }
+  auto e = tandem::test::error_of([] { choose_comm("tcp", {"a"}); });
+  EXPECT_NE(e.find("accepted: auto, gloo, shm, hybrid, nccl"), std::string::npos) << e;
+}
+
+TEST(Comm, NcclWithoutNcclSaysUseGloo) {
+  if (tandem::comm::nccl_available()) GTEST_SKIP() << "this build has NCCL";
+  auto e = tandem::test::error_of(
+      [] { tandem::comm::make_nccl(c10::make_intrusive<c10d::HashStore>(), 0, 1); });
+  EXPECT_NE(e.find("this LibTorch has no NCCL"), std::string::npos) << e;
+  EXPECT_NE(e.find("use --comm gloo"), std::string::npos) << e;
+  tandem::comm::RendezvousOptions ro;
+  ro.rank = 0;
+  ro.world_size = 1;
+  ro.comm = "nccl";
+  e = tandem::test::error_of([&] { tandem::comm::init_from_env(ro); });
+  EXPECT_NE(e.find("--comm nccl: this build of tandem has no NCCL"), std::string::npos) << e;
+}
+
+// A world of one over NCCL on one GPU: all that a one-GPU machine can run.
+TEST(Nccl, WorldOfOneOnOneGpu) {
+  if (!tandem::comm::nccl_available()) GTEST_SKIP() << "this build has no NCCL";
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  tandem::comm::NcclOptions o;
+  o.device = 0;
+  o.timeout = std::chrono::milliseconds(60000);
+  auto c = tandem::comm::make_nccl(c10::make_intrusive<c10d::HashStore>(), 0, 1, o);
+  EXPECT_EQ(c->backend(), "nccl");
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA, 0);
+  auto g = torch::arange(1000, cuda.dtype(torch::kFloat32));
+  auto r = c->all_reduce_async(g);
+  std::thread([&] { r->wait(c->timeout()); }).join();  // waited from another thread, read on this one
+  EXPECT_TRUE(torch::equal(g.cpu(), torch::arange(1000, torch::kFloat32)));
+  auto h = torch::tensor({3.0, -1.0}, torch::kFloat64);  // CPU: through the GPU and back
+  c->all_reduce(h, ReduceOp::kMax);
+  EXPECT_TRUE(torch::equal(h, torch::tensor({3.0, -1.0}, torch::kFloat64)));
+  c->broadcast(h, 0);
+  auto out = torch::zeros({2}, torch::kFloat64);
+  c->all_gather(out, h);
+  EXPECT_TRUE(torch::equal(out, h));
+  auto gout = torch::zeros({1000}, cuda.dtype(torch::kFloat32));
+  c->all_gather(gout, g);
+  EXPECT_TRUE(torch::equal(gout, g));
+  c->reduce(g, 0);
+  c->barrier();
+  auto e = tandem::test::error_of([&] { c->recv_any(h, 0); });
+  EXPECT_NE(e.find("NCCL cannot receive from any rank"), std::string::npos) << e;
+  EXPECT_EQ(c->sub_group({0}, "one")->size(), 1);
+  if (torch::cuda::device_count() > 1) {
+    auto other = torch::ones({2}, torch::TensorOptions().device(torch::kCUDA, 1));
+    e = tandem::test::error_of([&] { c->all_reduce(other); });
+    EXPECT_NE(e.find("takes CUDA tensors on this group's GPU (cuda:0)"), std::string::npos) << e;
+  }
 }
 
 TEST(Comm, ShmRefusesUnsupportedTypesAndDevices) {

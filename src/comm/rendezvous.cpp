@@ -6,6 +6,7 @@
 #include <map>
 
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -14,7 +15,12 @@
 #include "tandem/comm/bind_address.h"
 #include "tandem/comm/env.h"
 #include "tandem/comm/shm.h"
+#include "tandem/config.h"
 #include "tandem/util/check.h"
+
+#if TANDEM_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 namespace tandem::comm {
 namespace {
@@ -34,20 +40,41 @@ std::string env_str(const char* name) {
   return v ? v : "";
 }
 
+// A name of this rank's GPU that two ranks on one GPU share whatever
+// CUDA_VISIBLE_DEVICES each of them sees: the host and the PCI bus id.
+std::string gpu_name(int device) {
+  std::string id = "cuda:" + std::to_string(device);
+#if TANDEM_HAVE_CUDA
+  char bus[64] = {0};
+  if (cudaDeviceGetPCIBusId(bus, sizeof bus, device) == cudaSuccess)
+    id = bus;
+  else
+    (void)cudaGetLastError();  // not the training's error
+#endif
+  return host_id() + "/" + id;
+}
+
 }  // namespace
 
 const std::vector<std::string>& comm_kinds() {
-  static const std::vector<std::string> kinds{"auto", "gloo", "shm", "hybrid"};
+  static const std::vector<std::string> kinds{"auto", "gloo", "shm", "hybrid", "nccl"};
   return kinds;
 }
 
 void validate_comm(const std::string& kind) {
   const auto& k = comm_kinds();
+  std::string accepted;
+  for (const auto& x : k) accepted += (accepted.empty() ? "" : ", ") + x;
   TANDEM_CHECK(std::find(k.begin(), k.end(), kind) != k.end(), "--comm: unknown communicator '", kind,
-               "' (accepted: auto, gloo, shm, hybrid)");
+               "' (accepted: ", accepted, ")");
+  TANDEM_CHECK(kind != "nccl" || nccl_available(),
+               "--comm nccl: this build of tandem has no NCCL (its LibTorch has no CUDA or no c10d NCCL, or it was "
+               "built without -DTANDEM_WITH_CUDA=ON); use --comm gloo or auto, or rebuild against a CUDA LibTorch "
+               "(PyTorch's) with -DTANDEM_WITH_CUDA=ON");
 }
 
-std::string choose_comm(const std::string& kind, const std::vector<std::string>& host_of, std::string* why) {
+std::string choose_comm(const std::string& kind, const std::vector<std::string>& host_of, std::string* why,
+                        const GpuLayout& gpus) {
   validate_comm(kind);
   std::map<std::string, int> per_host;
   for (const auto& h : host_of) ++per_host[h];
@@ -55,8 +82,11 @@ std::string choose_comm(const std::string& kind, const std::vector<std::string>&
   for (const auto& [h, n] : per_host) most = std::max(most, n);
   const int hosts = static_cast<int>(per_host.size()), ranks = static_cast<int>(host_of.size());
   std::string layout = std::to_string(ranks) + " ranks on " + std::to_string(hosts) + (hosts == 1 ? " host" : " hosts");
+  const bool cuda = ranks > 0 && gpus.cuda_ranks == ranks, own_gpus = cuda && gpus.gpus == ranks;
   std::string chosen = kind, reason;
-  if (kind == "auto") {
+  if (kind == "auto" && own_gpus && nccl_available()) {
+    chosen = "nccl", reason = "auto: " + layout + ", a GPU per rank, NCCL";
+  } else if (kind == "auto") {
     if (hosts == 1) {
       chosen = "shm", reason = "auto: " + layout + " (" + host_of.front() + "), shared memory";
     } else if (most > 1) {
@@ -64,6 +94,10 @@ std::string choose_comm(const std::string& kind, const std::vector<std::string>&
     } else {
       chosen = "gloo", reason = "auto: " + layout + ", one rank per host, Gloo";
     }
+    if (cuda)
+      reason += nccl_available() ? " (CUDA model, not NCCL: " + std::to_string(ranks) + " ranks share " +
+                                       std::to_string(gpus.gpus) + (gpus.gpus == 1 ? " GPU)" : " GPUs)")
+                                 : " (CUDA model, not NCCL: this build has none)";
   } else {
     reason = "asked for (" + layout + ")";
   }
@@ -71,6 +105,16 @@ std::string choose_comm(const std::string& kind, const std::vector<std::string>&
     TANDEM_CHECK(hosts == 1, "--comm shm needs every rank on one host, but the ", layout, " (",
                  per_host.begin()->first, ", ", std::next(per_host.begin())->first,
                  ", ...): use --comm hybrid or auto (hosts are told apart by host name, or TANDEM_HOST_ID)");
+  if (chosen == "nccl") {
+    TANDEM_CHECK(cuda, "--comm nccl moves CUDA tensors, but ",
+                 gpus.cuda_ranks == 0 ? std::string("the model is not on a GPU")
+                                      : std::to_string(ranks - gpus.cuda_ranks) + " of " + std::to_string(ranks) +
+                                            " ranks have their model off the GPU",
+                 ": use --model-device cuda, or --comm auto");
+    TANDEM_CHECK(own_gpus, "--comm nccl needs a GPU per rank, but the ", ranks, " ranks share ", gpus.gpus,
+                 gpus.gpus == 1 ? " GPU" : " GPUs",
+                 ": use --model-device cuda (GPU = local rank), fewer ranks, or --comm gloo");
+  }
   if (why) *why = reason;
   return chosen;
 }
@@ -118,7 +162,8 @@ WorldInfo resolve_world(const RendezvousOptions& o) {
 CommunicatorPtr init_from_env(const RendezvousOptions& o) {
   WorldInfo w = resolve_world(o);
   validate_comm(o.comm);
-  if (w.world_size == 1) return make_single();
+  // A world of one needs no peers; --comm nccl still builds NCCL (a check of it).
+  if (w.world_size == 1 && o.comm != "nccl") return make_single();
   GlooOptions g;
   g.timeout = o.timeout;
   std::string bind = !o.bind_addr.empty() ? o.bind_addr : env_str(env::kBindAddr);
@@ -127,6 +172,8 @@ CommunicatorPtr init_from_env(const RendezvousOptions& o) {
     // Single host: a file in a private directory; Gloo on loopback.
     store = c10::make_intrusive<c10d::FileStore>(w.store_path, w.world_size);
     g.hostname = bind.empty() ? "127.0.0.1" : bind;
+  } else if (w.world_size == 1 && w.master_addr.empty()) {
+    store = c10::make_intrusive<c10d::HashStore>();  // NCCL's world of one meets nobody
   } else {
     TANDEM_CHECK(!w.master_addr.empty() && w.master_port > 0,
                  "rank ", w.rank, " of ", w.world_size, " (from ", w.source,
@@ -155,8 +202,17 @@ CommunicatorPtr init_from_env(const RendezvousOptions& o) {
   std::string kind = o.comm, why = "asked for";
   std::vector<std::string> hosts;
   if (kind != "gloo") {
+    // GPU counts: added before the host exchange, which no rank leaves before
+    // every rank entered it, so they are final (and the same) when read after.
+    if (o.cuda_device >= 0) {
+      store->add("tandem/rdzv/cuda", 1);
+      if (store->add("tandem/rdzv/gpu/" + gpu_name(o.cuda_device), 1) == 1) store->add("tandem/rdzv/gpus", 1);
+    }
     hosts = exchange_hosts(*store, w.rank, w.world_size, "tandem/rdzv/", o.timeout);
-    kind = choose_comm(kind, hosts, &why);
+    GpuLayout gpus;
+    gpus.cuda_ranks = static_cast<int>(store->add("tandem/rdzv/cuda", 0));
+    gpus.gpus = static_cast<int>(store->add("tandem/rdzv/gpus", 0));
+    kind = choose_comm(kind, hosts, &why, gpus);
   }
   if (o.verbose && w.rank == 0) std::cerr << "tandem: communicator " << kind << " (" << why << ")\n";
   ShmOptions so;
@@ -171,6 +227,9 @@ CommunicatorPtr init_from_env(const RendezvousOptions& o) {
     comm = make_shm(c10::make_intrusive<c10d::PrefixStore>("tandem/shm/", store), w.rank, w.world_size, so);
   else if (kind == "hybrid")
     comm = make_hybrid(store, w.rank, w.world_size, hosts, g, so);
+  else if (kind == "nccl")
+    comm = make_nccl(c10::make_intrusive<c10d::PrefixStore>("tandem/nccl/", store), w.rank, w.world_size,
+                     NcclOptions{o.timeout, o.cuda_device});
   else
     comm = make_gloo(store, w.rank, w.world_size, g);
   if (o.stall_warn_s <= 0 && !o.check_collectives) return comm;

@@ -109,6 +109,24 @@ struct GlooOptions {
 CommunicatorPtr make_gloo(c10::intrusive_ptr<c10d::Store> store, int rank, int size,
                           const GlooOptions& opts = {});
 
+struct NcclOptions {
+  Milliseconds timeout = kDefaultTimeout;  // also c10d's per-operation timeout (its watchdog's)
+  int device = -1;  // this rank's GPU (CUDA index); -1: the current CUDA device
+};
+
+// Whether this build has the NCCL communicator: tandem built with
+// TANDEM_WITH_CUDA against a LibTorch with c10d's NCCL (USE_C10D_NCCL).
+bool nccl_available();
+
+// A c10d ProcessGroupNCCL over `store`, one GPU per rank. It moves CUDA
+// tensors on opts.device, and CPU tensors through that GPU (small ones: the
+// bookkeeping collectives); receive-from-any is refused. wait() returns when
+// the operation finished on the GPU (Note [NCCL wait] in
+// src/comm/nccl_communicator.cpp). Throws tandem::Error in a build without
+// NCCL, saying so and to use --comm gloo. Only a world of one on one GPU has
+// been run.
+CommunicatorPtr make_nccl(c10::intrusive_ptr<c10d::Store> store, int rank, int size, const NcclOptions& opts = {});
+
 // World size 1, no peers: collectives are identity, p2p is an error.
 CommunicatorPtr make_single();
 

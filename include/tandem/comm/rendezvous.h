@@ -35,8 +35,11 @@ struct RendezvousOptions {
   // Keys of this communicator in the job's store start with this (several
   // communicators over one store need distinct prefixes).
   std::string store_prefix;
-  // auto | gloo | shm | hybrid (see choose_comm).
+  // auto | gloo | shm | hybrid | nccl (see choose_comm).
   std::string comm = "auto";
+  // This rank's model device when it is a GPU (its CUDA index); -1: the model
+  // is not on a GPU. auto picks NCCL when every rank has its own GPU.
+  int cuda_device = -1;
   // Shared memory: how long a waiting rank spins before it sleeps (ns);
   // unset: ShmOptions' default. TANDEM_SHM_SPIN_NS overrides both. Pipeline
   // stages use 0: they compute with receives posted, and a spinning engine
@@ -53,14 +56,26 @@ struct RendezvousOptions {
 
 // The accepted --comm values, for messages and validation.
 const std::vector<std::string>& comm_kinds();
-// Throws tandem::Error naming the flag for a value not in comm_kinds().
+// Throws tandem::Error naming the flag for a value not in comm_kinds(), and
+// for nccl in a build without it (naming the fix).
 void validate_comm(const std::string& kind);
 
+// Where the ranks' models are, for choose_comm: how many ranks train on a
+// GPU, and how many distinct GPUs those are (NCCL needs one GPU per rank).
+struct GpuLayout {
+  int cuda_ranks = 0;
+  int gpus = 0;
+};
+
 // What `kind` becomes for ranks on the hosts `host_of` (one entry per rank):
-// auto is shm when all ranks share a host, hybrid when several hosts and some
-// host has more than one rank, gloo otherwise. Throws tandem::Error when shm is
-// asked for ranks on several hosts. `why` gets a one-line reason.
-std::string choose_comm(const std::string& kind, const std::vector<std::string>& host_of, std::string* why = nullptr);
+// auto is nccl when every rank's model is on a GPU of its own and this build
+// has NCCL (nccl_available()); else shm when all ranks share a host, hybrid
+// when several hosts and some host has more than one rank, gloo otherwise.
+// Throws tandem::Error when shm is asked for ranks on several hosts, or nccl
+// for models not each on a GPU of their own (or in a build without NCCL).
+// `why` gets a one-line reason.
+std::string choose_comm(const std::string& kind, const std::vector<std::string>& host_of, std::string* why = nullptr,
+                        const GpuLayout& gpus = {});
 
 // Reads the environment (through getenv) and applies the overrides.
 WorldInfo resolve_world(const RendezvousOptions& overrides = {});
