@@ -2,7 +2,8 @@
 # GPU verification: builds tandem against the LibTorch inside this machine's
 # PyTorch (CUDA build) with the dependencies from scripts/gpu_deps.sh, then runs
 # the CUDA paths: doctor, cpu->cuda and cuda->cuda training, 2 ranks on one GPU
-# (Gloo all-reduce of CUDA buckets), and ResNet-18 on exported JPEGs.
+# (Gloo all-reduce of CUDA buckets), NCCL's world of one and --comm auto's choice
+# for CUDA models, and ResNet-18 on exported JPEGs.
 # Logs and results go to $OUT (default /tmp/tandem-gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +49,15 @@ step train_cuda_to_cpu $T train $D --data-device cuda:0 --model-device cpu --lim
 step train_2ranks_ddp $T train $D --nproc 2 --model-device cuda:0 --strategy ddp --epochs 1 --output "$OUT/ddp2.json"
 step train_2ranks_fp16 $T train $D --nproc 2 --model-device cuda:0 --strategy ddp --compress fp16 --epochs 1 \
   --output "$OUT/ddp2_fp16.json"
+# NCCL: a world of one is all one GPU can run (--comm nccl builds ProcessGroupNCCL even for one rank; the epoch's
+# sums are CPU tensors staged through the GPU). Then --comm auto for CUDA models: NCCL when every rank has a GPU of
+# its own, otherwise shm/gloo with the reason (2 ranks on this 1-GPU machine share it).
+step train_nccl_world1 $T train $D --nproc 1 --model-device cuda:0 --comm nccl --epochs 1 --limit 4000 \
+  --val-limit 1000 --output "$OUT/nccl1.json"
+grep -m1 -o "tandem: communicator .*" "$OUT/train_nccl_world1.log" | tee -a "$summary"
+step train_auto_cuda $T train $D --nproc 2 --model-device cuda --comm auto --epochs 1 --limit 4000 \
+  --val-limit 1000 --output "$OUT/auto_cuda.json"
+grep -m1 -o "tandem: communicator .*" "$OUT/train_auto_cuda.log" | tee -a "$summary"
 step buffer_auto_cuda $T train $D --data-device cuda:0 --model-device cuda:0 --buffer-size auto --num-workers 4 \
   --limit 2000 --val-limit 500 --epochs 1 --output "$OUT/buffer_auto.json"
 grep -o "buffer auto = [^,]*" "$OUT/buffer_auto_cuda.log" | tee -a "$summary"
