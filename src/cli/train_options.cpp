@@ -5,6 +5,7 @@
 
 #include "tandem/comm/env.h"
 #include "tandem/comm/rendezvous.h"
+#include "tandem/device/device.h"
 #include "tandem/launch/launcher.h"
 #include "tandem/util/check.h"
 
@@ -172,6 +173,8 @@ train::RunResult run_as_rank(const TrainFlags& f) {
   ro.verbose = !opts.quiet;
   if (opts.pp > 1) ro.shm_spin_ns = 0;  // stages compute with receives posted (docs/benchmarks.md)
   auto world = comm::resolve_world(ro);
+  const auto model = device::plan(opts.data_device, opts.model_device, world.local_rank).model;
+  if (model.is_cuda()) ro.cuda_device = model.index();  // --comm auto/nccl: NCCL for a GPU per rank
   opts.local_world_size = world.local_world_size;
   opts.local_rank = world.local_rank;
   auto c = comm::init_from_env(ro);
