@@ -64,6 +64,16 @@ void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
       ->capture_default_str();
   sub->add_option("--grad-accum", o.grad_accum, "Micro-steps per optimiser step (communicate on the last)")
       ->capture_default_str();
+  sub->add_option("--precision", o.precision,
+                  "Forward pass under autocast: fp32 (off); bf16 (matrix products in bfloat16, CPU or CUDA; no "
+                  "scaler needed); fp16 (float16, CUDA only, with a dynamic loss scaler). Parameters, gradients, "
+                  "loss and optimiser stay fp32; not with --pp")
+      ->capture_default_str();
+  sub->add_option("--loss-scale", o.loss_scale,
+                  "auto (dynamic for fp16, none otherwise), dynamic (start at 65536, halve and skip the step when "
+                  "any rank's gradients hold inf or nan, double after 2000 good steps), none, or a fixed scale N "
+                  "(steps with inf or nan still skipped); not with --strategy ps or --pp")
+      ->capture_default_str();
   sub->add_option("--pp", o.pp,
                   "Model parallelism: cut the model into K pipeline stages on K ranks; --nproc D x K runs D "
                   "data-parallel replicas (each stage's replicas synchronised by --strategy ddp or ring); 1: off")

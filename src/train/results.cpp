@@ -69,6 +69,8 @@ nlohmann::json to_json(const RunResult& r) {
   out["restarts"] = r.restarts;
   out["steps_redone"] = r.steps_redone;
   if (!r.pp.is_null()) out["pp"] = r.pp;
+  out["precision"] = r.precision;
+  if (!r.loss_scale.is_null()) out["loss_scale"] = r.loss_scale;
   return out;
 }
 
@@ -84,6 +86,8 @@ RunResult from_json(const nlohmann::json& j) {
   r.restarts = j.value("restarts", 0);
   r.steps_redone = j.value("steps_redone", int64_t{0});
   r.pp = j.value("pp", nlohmann::json());
+  r.precision = j.value("precision", "fp32");
+  r.loss_scale = j.value("loss_scale", nlohmann::json());
   for (const auto& e : j.at("epochs")) {
     EpochResult x;
     x.epoch = e.at("epoch").get<int>();

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <limits>
 #include <thread>
 
 #include <torch/torch.h>
@@ -142,6 +143,11 @@ DataParallelStep::DataParallelStep(const TrainOptions& o, const Roles& roles, mo
   else sync::broadcast_module(*model_.module, *comm_);  // "none": same start, no gradient traffic
   optimizer_ = std::make_unique<torch::optim::SGD>(model_.module->parameters(),
                                                    torch::optim::SGDOptions(o.lr).momentum(o.momentum));
+  precision_ = parse_precision(o.precision);
+  if (auto so = parse_loss_scale(o.loss_scale, precision_); so && !roles_.server) {
+    scaler_ = std::make_unique<LossScaler>(*so);
+    params_ = model_.module->parameters();
+  }
 }
 
 StepOutput DataParallelStep::run(data::Batch& batch, int64_t step, int64_t steps) {
@@ -159,12 +165,19 @@ StepOutput DataParallelStep::run(data::Batch& batch, int64_t step, int64_t steps
   out.xfer = Clock::now();
   auto [x, y] = on_model_device(batch, device_);
   out.fwd = Clock::now();
-  auto logits = model_.forward(x);
-  auto [loss, correct] = loss_and_correct(logits, batch, y);
+  at::Tensor logits;
+  {
+    AutocastGuard autocast(device_.type(), precision_);
+    logits = model_.forward(x);
+  }
+  // The loss in fp32 whatever the forward computed in (a no-op for fp32).
+  auto [loss, correct] = loss_and_correct(logits.to(at::kFloat), batch, y);
   const int64_t accum = std::min<int64_t>(ga, steps - (step / ga) * ga);
   out.bwd = Clock::now();
   const double scale = loss_weight_ / static_cast<double>(accum);
-  (scale != 1.0 ? loss * scale : loss).backward();
+  at::Tensor objective = scale != 1.0 ? loss * scale : loss;
+  if (scaler_) objective = scaler_->scale(objective);
+  objective.backward();
   if (slow_per_sample_ > 0)
     std::this_thread::sleep_for(std::chrono::duration<double>(slow_per_sample_ * static_cast<double>(batch.valid())));
   out.sync = Clock::now();
@@ -172,8 +185,24 @@ StepOutput DataParallelStep::run(data::Batch& batch, int64_t step, int64_t steps
     gsync_->finish();
     if (out.synced) out.bytes = gsync_->last_times().bytes;
   }
+  if (inject_inf_) {
+    inject_inf_ = false;
+    torch::NoGradGuard no_grad;
+    for (auto& p : model_.module->parameters())
+      if (p.grad().defined()) {
+        p.grad().view(-1)[0].fill_(std::numeric_limits<float>::infinity());
+        break;
+      }
+  }
   out.opt = Clock::now();
-  if (out.synced && !(gsync_ && gsync_->applies_update())) optimizer_->step();
+  bool step_ok = true;
+  if (out.synced && scaler_) {
+    // Collective: every rank is here at every synchronised step.
+    step_ok = scaler_->unscale_and_check(params_, comm_.get());
+    scaler_->update(!step_ok);
+    out.skipped = !step_ok;
+  }
+  if (out.synced && step_ok && !(gsync_ && gsync_->applies_update())) optimizer_->step();
   if (averager_ && ++local_steps_ >= o_.sync_every) {
     const auto t0 = Clock::now();
     const int64_t before = averager_->bytes_sent();

@@ -22,6 +22,7 @@
 #include "tandem/sync/ddp.h"
 #include "tandem/sync/gradient_sync.h"
 #include "tandem/sync/ps.h"
+#include "tandem/train/mixed_precision.h"
 #include "tandem/train/trainer.h"
 #include "tandem/util/clock.h"
 
@@ -55,6 +56,7 @@ sync::DdpOptions ddp_options(const TrainOptions& o);
 struct StepOutput {
   double loss = 0, correct = 0, count = 0;
   bool synced = false;  // the gradients were synchronised (last micro-step of --grad-accum)
+  bool skipped = false;  // the loss scaler found inf or nan: no optimiser step
   int64_t bytes = 0;     // this rank sent (gradients, or --sync-every's parameter average)
   double average_seconds = 0;  // --sync-every: the parameter average of this step (0 without)
   Clock::time_point begin, xfer, fwd, bwd, sync, opt, end;
@@ -78,6 +80,11 @@ class Step {
   virtual void set_loss_weight(double) {}
   // TANDEM_TEST_FAULT=slow: sleeps this long per sample after backward.
   virtual void set_test_slowdown(double) {}
+  // TANDEM_TEST_FAULT=inf: the next run() puts +inf into one gradient of
+  // this rank after the synchronisation (before the loss scaler looks).
+  virtual void inject_test_inf() {}
+  // --loss-scale: the scaler (nullptr without one).
+  virtual LossScaler* scaler() { return nullptr; }
   // What the results JSON says of this way of training (pp: its section).
   virtual nlohmann::json describe() { return nullptr; }
 };
@@ -95,6 +102,8 @@ class DataParallelStep : public Step {
   void consolidate() override;
   void set_loss_weight(double w) override { loss_weight_ = w; }
   void set_test_slowdown(double seconds_per_sample) override { slow_per_sample_ = seconds_per_sample; }
+  void inject_test_inf() override { inject_inf_ = true; }
+  LossScaler* scaler() override { return scaler_.get(); }
 
   const models::Model& model() const override { return model_; }
   torch::optim::SGD& optimizer() override { return *optimizer_; }
@@ -114,6 +123,12 @@ class DataParallelStep : public Step {
   int64_t local_steps_ = 0;  // optimiser steps since the last parameter average
   double loss_weight_ = 1.0;
   double slow_per_sample_ = 0;
+  // --precision: the forward under autocast; --loss-scale: the scaler decides
+  // whether the optimiser steps (Note in mixed_precision.h).
+  Precision precision_ = Precision::kFp32;
+  std::unique_ptr<LossScaler> scaler_;
+  std::vector<at::Tensor> params_;  // the scaler's: every parameter of the model
+  bool inject_inf_ = false;
 };
 
 // One stage of a pipeline-parallel replica (--pp K; pp/pipeline.h). Every

@@ -23,6 +23,7 @@
 #include "tandem/models/weights.h"
 #include "tandem/pp/pipeline.h"
 #include "tandem/sync/ddp.h"
+#include "tandem/train/mixed_precision.h"
 #include "tandem/train/pipeline_plan.h"
 #include "tandem/util/check.h"
 #include "tandem/util/clock.h"
@@ -142,6 +143,27 @@ void validate(const TrainOptions& o) {
                "unrelated models on each rank, which one checkpoint cannot hold; use ddp, ring or ps");
   TANDEM_CHECK(o.resume != "latest" || !o.checkpoint_dir.empty(),
                "--resume (latest) needs --checkpoint-dir D, the directory the checkpoints were written to");
+  const Precision precision = parse_precision(o.precision);
+  const bool scaled = parse_loss_scale(o.loss_scale, precision).has_value();
+  TANDEM_CHECK(o.pp == 1 || precision == Precision::kFp32, "--precision ", o.precision, " with --pp ", o.pp,
+               ": pipeline stages train in fp32 only; drop --precision or --pp");
+  TANDEM_CHECK(o.pp == 1 || !scaled, "--loss-scale ", o.loss_scale, " with --pp ", o.pp,
+               ": pipeline stages have no loss scaler; use --loss-scale none");
+  TANDEM_CHECK(o.strategy != "ps" || precision != Precision::kFp16, "--precision fp16 with --strategy ps: the "
+               "parameter server applies the update, which a loss scaler must be able to skip; use --precision "
+               "bf16 (no scaler needed) or --strategy ddp or ring");
+  TANDEM_CHECK(o.strategy != "ps" || !scaled, "--loss-scale ", o.loss_scale, " with --strategy ps: the parameter "
+               "server applies the update, which a loss scaler must be able to skip; use --loss-scale none, or "
+               "--strategy ddp or ring");
+  {
+    // The model device as device::plan will choose it: --model-device, else
+    // --data-device, else the CPU (a number N means cuda:N).
+    const std::string& spec = o.model_device.empty() ? o.data_device : o.model_device;
+    const bool cuda = !spec.empty() && spec != "cpu";
+    std::string why;
+    TANDEM_CHECK(autocast_supported(cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU, precision, &why),
+                 "--precision ", o.precision, " on the ", cuda ? "CUDA" : "CPU", " model device: ", why);
+  }
   bool known = false;
   for (auto& n : models::model_names()) known |= n == o.model;
   if (!known) models::make_model({o.model});  // throws the message listing the names
@@ -189,12 +211,17 @@ namespace {
 //   slow:R:U   rank R sleeps U microseconds per sample of each step, inside
 //              its computing time (a straggler whose slowness takes no CPU
 //              from the others; bench/unequal_ranks.sh).
+//   inf:R:S    rank R puts +inf into one of its gradients at global step S
+//              (1 = the first), after the synchronisation and before the loss
+//              scaler looks: every rank must skip that step.
 struct TestFault {
   int kill_rank = -1;
   int64_t kill_step = -1;
   bool mismatch = false;
   int slow_rank = -1;
   double slow_us = 0;
+  int inf_rank = -1;
+  int64_t inf_step = -1;
 };
 
 TestFault test_fault() {
@@ -211,10 +238,16 @@ TestFault test_fault() {
                  "TANDEM_TEST_FAULT='", s, "' is not slow:RANK:MICROSECONDS_PER_SAMPLE");
     f.slow_rank = static_cast<int>(r);
     f.slow_us = us;
+  } else if (s.rfind("inf:", 0) == 0) {
+    long long r = -1, st = -1;
+    TANDEM_CHECK(std::sscanf(s.c_str(), "inf:%lld:%lld", &r, &st) == 2 && st >= 1,
+                 "TANDEM_TEST_FAULT='", s, "' is not inf:RANK:STEP (STEP >= 1)");
+    f.inf_rank = static_cast<int>(r);
+    f.inf_step = st;
   } else {
     long long r = -1, st = -1;
     TANDEM_CHECK(std::sscanf(s.c_str(), "kill:%lld:%lld", &r, &st) == 2,
-                 "TANDEM_TEST_FAULT='", s, "' is not kill:RANK:STEP, slow:RANK:US or mismatch");
+                 "TANDEM_TEST_FAULT='", s, "' is not kill:RANK:STEP, slow:RANK:US, inf:RANK:STEP or mismatch");
     f.kill_rank = static_cast<int>(r);
     f.kill_step = st;
   }
@@ -241,6 +274,10 @@ class Trainer {
   // step on every rank).
   void balance_after_step(const StepOutput& out, int64_t steps);
   bool replan();
+  // The loss scaler's state into the results (which checkpoints keep).
+  void note_loss_scale() {
+    if (auto* s = step_->scaler()) st_.result.loss_scale = s->state();
+  }
 
   struct Balance {
     bool on = false;
@@ -340,6 +377,8 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
   if (resume_) {
     restore_rng(st_.rng);
     load_optimizer(*resume_, st_, *step_, roles_);
+    // The loss scale and its counters travel in the results so far.
+    if (auto* s = step_->scaler(); s && !st_.result.loss_scale.is_null()) s->load_state(st_.result.loss_scale);
   } else {
     st_.result.start_time = iso_time_now();
     st_.result.restarts = restart_count();
@@ -349,6 +388,7 @@ Trainer::Trainer(const TrainOptions& o, comm::CommunicatorPtr comm)
   st_.result.world_size = world_;
   st_.result.num_workers = roles_.trainers;
   st_.result.batch_size = static_cast<int>(o.batch_size);
+  st_.result.precision = o.precision;
 
   data::LoaderOptions lo;
   lo.batch_size = o.batch_size;
@@ -395,6 +435,7 @@ void Trainer::run_segment(int64_t end, int64_t steps, EpochSums& sums) {
   while (st_.step < end) {
     auto batch = loader_->next();
     TANDEM_ASSERT(batch, "rank ", rank_, " ran out of batches at step ", st_.step, " of ", steps);
+    if (rank_ == fault_.inf_rank && st_.global_step + 1 == fault_.inf_step) step_->inject_test_inf();
     const StepOutput out = step_->run(*batch, st_.step, steps);
     sums.step_losses[st_.step] = out.loss;
     sums.loss_sum += out.loss * out.count;
@@ -475,7 +516,10 @@ void Trainer::train_epoch() {
     // A mid-epoch checkpoint waits for the end of the gradient accumulation cycle.
     const int64_t end = to_due >= steps - st_.step ? steps : std::min(steps, (st_.step + to_due + ga - 1) / ga * ga);
     run_segment(end, steps, sums);
-    if (st_.step < steps) ckpt_->take(st_, with_loader(sums), seconds_since(t_epoch), *step_);
+    if (st_.step < steps) {
+      note_loss_scale();
+      ckpt_->take(st_, with_loader(sums), seconds_since(t_epoch), *step_);
+    }
   }
   if (!roles_.server) TANDEM_ASSERT(!loader_->next(), "rank ", rank_, " has batches left after ", steps, " steps");
   const double local_seconds = seconds_since(t_epoch);
@@ -493,6 +537,7 @@ void Trainer::train_epoch() {
   st_.step = st_.start_position = st_.done_before = 0;
   st_.elapsed = 0;
   st_.carried = EpochSums{};
+  note_loss_scale();
   if (ckpt_->due_at_epoch_end(st_.global_step, epoch == o_.epochs)) ckpt_->take(st_, EpochSums{}, 0.0, *step_);
 }
 
@@ -603,7 +648,8 @@ RunResult Trainer::run() {
                    {"epochs", o_.epochs},       {"lr", o_.lr},                 {"momentum", o_.momentum},
                    {"seed", o_.seed},           {"grad_accum", o_.grad_accum}, {"bucket_mb", o_.bucket_mb},
                    {"compress", o_.compress},   {"compress_warmup", o_.compress_warmup},
-                   {"sync_every", o_.sync_every}, {"balance", o_.balance}, {"threads", threads_},         {"num_workers", pp_.num_workers},
+                   {"sync_every", o_.sync_every}, {"balance", o_.balance}, {"precision", o_.precision},
+                   {"loss_scale", o_.loss_scale}, {"threads", threads_},         {"num_workers", pp_.num_workers},
                    {"buffer_size", pp_.buffer_size}, {"limit", o_.limit},      {"data_device", plan_.data.str()},
                    {"model_device", plan_.model.str()}, {"comm", comm_->backend()}, {"weights", weights},
                    {"checkpoint_dir", o_.checkpoint_dir}, {"resumed_from", resume_ ? *resume_ : ""}};

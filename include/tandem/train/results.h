@@ -20,6 +20,9 @@
 //                "avg_comm_time_push" },
 //   "all_losses": [ per-step training loss, averaged over training ranks ],
 //   "timeline": [ { "t" (s since start), "buffer_fill", "data_busy", "model_busy" } ],
+//   "precision": "fp32" | "bf16" | "fp16" (--precision),
+//   "loss_scale": --loss-scale only: { "scale" (at the end), "skipped_steps", "good_run",
+//                 "dynamic", "init_scale", "growth_interval" },
 //   "restarts": times the job was restarted after a failure (launcher --max-restarts),
 //   "steps_redone": steps trained again because they came after the checkpoint resumed from }
 #include <string>
@@ -65,6 +68,8 @@ struct RunResult {
   int restarts = 0;
   int64_t steps_redone = 0;
   nlohmann::json pp;  // --pp: stages, cut, stage times, bubble (null otherwise)
+  std::string precision = "fp32";
+  nlohmann::json loss_scale;  // LossScaler::state() (null without a scaler)
 };
 
 nlohmann::json to_json(const RunResult& r);

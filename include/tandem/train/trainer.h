@@ -62,6 +62,13 @@ struct TrainOptions {
   int micro_batches = 4;          // the per-replica batch is split into these
   std::string schedule = "1f1b";  // gpipe | 1f1b
   std::string pp_balance = "time";  // time | params: how the stages are cut
+  // Mixed precision (train/mixed_precision.h): fp32 | bf16 | fp16, the
+  // forward under autocast; ddp, ring, none and ps workers (bf16), not --pp.
+  std::string precision = "fp32";
+  // auto (dynamic for fp16, none otherwise) | dynamic | none | a fixed scale
+  // N: the loss is multiplied before backward, a step whose gradients hold
+  // inf or nan on any rank is skipped (dynamic: and the scale halved).
+  std::string loss_scale = "auto";
   uint64_t seed = 42;
   int threads = 0;  // intra-op threads per rank; 0: cores / local ranks
   double timeout_s = 300;
