@@ -271,6 +271,24 @@ TEST(TrainMixedPrecision, ResumeRestoresTheScaleAndTheCount) {
   EXPECT_EQ(j["loss_scale"]["good_run"], 2 * 16 - 2) << "the run of good steps carries on over the resume";
 }
 
+// In fp32 a power-of-two scale is exact both ways: with the scaler the run's
+// weights are bit-identical to a run without one (unscaling in the wrong
+// place, twice, or not at all would change them).
+TEST(TrainMixedPrecision, Fp32WithADynamicScaleTrainsBitForBitAlike) {
+  TempDir d("tandem_mp_exact");
+  std::vector<std::vector<at::Tensor>> w;
+  for (const char* s : {"none", "dynamic"}) {
+    const std::string model = d.file(std::string(s) + ".pt");
+    auto [code, text] = run_tandem(std::string("train --nproc 2 --limit 1024 --val-limit 200 --epochs 1 --quiet "
+                                               "--output '' --loss-scale ") + s + " --save " + model);
+    ASSERT_EQ(code, 0) << text;
+    w.emplace_back();
+    for (auto& [name, t] : tandem::models::read_weights(model)) w.back().push_back(t);
+  }
+  ASSERT_EQ(w[0].size(), w[1].size());
+  for (size_t i = 0; i < w[0].size(); ++i) EXPECT_TRUE(torch::equal(w[0][i], w[1][i])) << "tensor " << i;
+}
+
 // bf16 on the CPU reaches fp32's accuracy within a few points.
 TEST(TrainMixedPrecision, Bf16TrainsAsWellAsFp32) {
   TempDir d("tandem_mp_bf16");
