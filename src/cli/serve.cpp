@@ -57,6 +57,8 @@ std::vector<std::string> read_lines(const std::string& path) {
 // The rows the policy checks a lower precision's accuracy on: --val-data, or
 // Fashion-MNIST's test set for a 1x28x28 model when the package is installed.
 device::Validation validation_rows(const ServeArgs& a) {
+  TANDEM_CHECK(a.val_limit >= 0, "--val-limit must be >= 0 (0: no accuracy check), got ", a.val_limit);
+  if (a.precision == "fp32") return {};  // nothing to check against
   std::string dir = a.val_data;
   const bool fmnist_shaped = a.o.input_shape == std::vector<int64_t>{1, 28, 28} && a.num_classes == 10;
   if (dir.empty() && fmnist_shaped && std::filesystem::exists(std::string(data::kFashionMnistDir)))

@@ -62,16 +62,10 @@ Precision parse_precision(const std::string& s) {
   if (s == "fp32") return Precision::kFp32;
   if (s == "bf16") return Precision::kBf16;
   if (s == "fp16") return Precision::kFp16;
+  TANDEM_CHECK(s != "int8", "--precision int8 is for inference (tandem serve --precision int8); training takes fp32, "
+               "bf16 or fp16");
   TANDEM_FAIL("--precision '", s, "' is unknown: choose fp32 (no autocast), bf16 (autocast to bfloat16; CPU or "
               "CUDA) or fp16 (autocast to float16 with a dynamic loss scaler; CUDA)");
-}
-
-const char* precision_name(Precision p) {
-  switch (p) {
-    case Precision::kBf16: return "bf16";
-    case Precision::kFp16: return "fp16";
-    default: return "fp32";
-  }
 }
 
 at::ScalarType autocast_dtype(Precision p) {
@@ -101,7 +95,7 @@ bool autocast_supported(c10::DeviceType device, Precision p, std::string* why) {
 AutocastGuard::AutocastGuard(c10::DeviceType device, Precision p) : device_(device) {
   if (p == Precision::kFp32) return;
   std::string why;
-  TANDEM_CHECK(autocast_supported(device, p, &why), "--precision ", precision_name(p), ": ", why);
+  TANDEM_CHECK(autocast_supported(device, p, &why), "--precision ", device::to_string(p), ": ", why);
   prev_enabled_ = autocast_enabled(device_);
   prev_dtype_ = autocast_type(device_);
   set_autocast_enabled(device_, true);

@@ -22,15 +22,17 @@
 #include <nlohmann/json.hpp>
 
 #include "tandem/comm/communicator.h"
+#include "tandem/device/policy.h"
 
 namespace tandem::train {
 
-enum class Precision { kFp32, kBf16, kFp16 };
+// One precision type for training and inference (device/policy.h);
+// device::to_string names it. Training takes fp32, bf16 and fp16.
+using device::Precision;
 
 // "fp32" | "bf16" | "fp16"; throws tandem::Error naming --precision and the
-// accepted values.
+// accepted values (int8 is an inference precision: tandem serve).
 Precision parse_precision(const std::string& s);
-const char* precision_name(Precision p);
 // The 16-bit type autocast computes in (kFloat for kFp32).
 at::ScalarType autocast_dtype(Precision p);
 // Whether autocast on `device` can compute in `p`: CUDA takes fp16 and bf16;
