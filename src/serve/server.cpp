@@ -583,7 +583,8 @@ int Server::start() {
   std::ostringstream os;
   os << "serving " << o.model_name << " on http://" << o.host << ":" << d.port << " (device " << o.device
      << ", precision " << o.precision << ", max batch " << o.max_batch << ", max wait " << o.max_wait_ms
-     << " ms, max queue " << o.max_queue << ", " << o.http_threads << " HTTP threads)";
+     << " ms, max queue " << o.max_queue << ", " << o.http_threads << " HTTP threads, " << at::get_num_threads()
+     << " intra-op threads)";
   d.event(os.str());
   return d.port;
 }
