@@ -61,6 +61,13 @@ grep -m1 -o "tandem: communicator .*" "$OUT/train_auto_cuda.log" | tee -a "$summ
 step buffer_auto_cuda $T train $D --data-device cuda:0 --model-device cuda:0 --buffer-size auto --num-workers 4 \
   --limit 2000 --val-limit 500 --epochs 1 --output "$OUT/buffer_auto.json"
 grep -o "buffer auto = [^,]*" "$OUT/buffer_auto_cuda.log" | tee -a "$summary"
+# Devices, precision and batch (issue: serving and devices): the CPU-vs-GPU table, fp16 training with its loss
+# scaler, and what the policy picks here. (tandem serve itself needs cpp-httplib, not carried in .gpu.)
+step bench_infer $T bench infer --models mlp,cnn,resnet18,resnet50 --devices cpu,cuda:0 --batch 1,4,16 \
+  --precisions fp32,fp16,bf16 --budget-ms 200 --json "$OUT/infer.json"
+step train_fp16 $T train $D --model-device cuda:0 --precision fp16 --epochs 1 --output "$OUT/fp16.json"
+step train_bf16_cuda $T train $D --model-device cuda:0 --precision bf16 --epochs 1 --output "$OUT/bf16_cuda.json"
+step doctor_policy $T doctor
 step export $T data export --dataset fashion-mnist $D --format jpg --out /tmp/fm-jpg --limit 6000
 step resnet18 $T train --dataset imagefolder --data-dir /tmp/fm-jpg --model resnet18 --channels 1 --image-size 28 \
   --data-device cpu --model-device cuda:0 --epochs 2 --cache --num-workers 4 --output "$OUT/resnet18.json"

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu && mkdir -p .gpu/debs .gpu/root .gpu/gloo .gpu/fmnist
 (cd .gpu/debs && apt-get download nlohmann-json3-dev libcli11-dev zlib1g-dev libpng-dev libpng16-16 \
-  libturbojpeg0-dev libturbojpeg0 libgloo-dev)
+  libturbojpeg0-dev libturbojpeg0 libgloo-dev libxxhash-dev libxxhash0)
 for f in .gpu/debs/*.deb; do
   case $f in *gloo*) dpkg -x "$f" .gpu/gloo ;; *) dpkg -x "$f" .gpu/root ;; esac
 done
