@@ -28,6 +28,7 @@
 #include "run_tandem.h"
 #include "tandem/data/idx.h"
 #include "tandem/data/image_codec.h"
+#include "tandem/device/device.h"
 #include "tandem/device/policy.h"
 #include "tandem/models/linear.h"
 #include "tandem/models/models.h"
@@ -167,6 +168,18 @@ TEST(Policy, ChooseDeviceAutoIsTheCpuAndSaysWhy) {
   EXPECT_TRUE(contains(e, "--serve-device cuda:3")) << e;
   e = error_of([] { choose_device("tpu"); });
   EXPECT_TRUE(contains(e, "--device tpu")) << e;
+}
+
+// Training's --model-device auto: the same choice through device::plan, with the reason in its description.
+TEST(Policy, ModelDeviceAutoInTheTrainingPlan) {
+  auto p = tandem::device::plan("", "auto");
+  EXPECT_EQ(p.model, kCpu);
+  EXPECT_FALSE(p.dual);
+  EXPECT_TRUE(contains(p.describe(), "CUDA")) << p.describe();
+  EXPECT_EQ(tandem::device::parse("auto", "--data-device"), kCpu);
+  std::string e = error_of([] { tandem::device::parse("gpu0", "--model-device"); });
+  EXPECT_TRUE(contains(e, "--model-device gpu0")) << e;
+  EXPECT_TRUE(contains(e, "auto")) << e;
 }
 
 TEST(Policy, CandidatesOnTheCpuFollowItsInstructionsAndEndAtFp32) {

@@ -7,7 +7,6 @@
 #include <iostream>
 #include <memory>
 #include <sstream>
-#include <thread>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -57,7 +56,7 @@ void run_bench_infer(const InferArgs& a) {
     TANDEM_CHECK(models::block_count(m) > 0, "--models: unknown model '", m, "' (mlp, cnn, resnet18, resnet50)");
   // LibTorch's default is the physical cores, which a VM may report as fewer
   // than its vCPUs (one here, for two): every core unless --threads says.
-  at::set_num_threads(a.threads > 0 ? a.threads : std::max(1, static_cast<int>(std::thread::hardware_concurrency())));
+  at::set_num_threads(a.threads > 0 ? a.threads : device::usable_cpus());
 
   std::vector<c10::Device> devices;
   nlohmann::json skipped = nlohmann::json::array();
@@ -217,7 +216,7 @@ void register_bench_infer(CLI::App& bench) {
   sub->add_option("--num-classes", a->num_classes, "Output classes")->capture_default_str();
   sub->add_option("--budget-ms", a->budget_ms, "Time spent timing each cell (median of at least 3 runs)")
       ->capture_default_str();
-  sub->add_option("--threads", a->threads, "Intra-op threads (0: every core the OS reports)")
+  sub->add_option("--threads", a->threads, "Intra-op threads (0: every CPU this process may use)")
       ->capture_default_str();
   sub->add_option("--json", a->json, "Also write the results (and the markdown table) to this JSON file");
   sub->footer("Example: tandem bench infer --models cnn,resnet18 --devices cpu,cuda:0 --batch 1,4,16 --json infer.json");

@@ -10,7 +10,6 @@
 #include <iostream>
 #include <memory>
 #include <sstream>
-#include <thread>
 
 #include "commands.h"
 #include "tandem/data/idx.h"
@@ -67,9 +66,12 @@ device::Validation validation_rows(const ServeArgs& a) {
     dir = data::kFashionMnistDir;
   if (dir == "none" || dir.empty() || a.val_limit == 0) return {};
   auto ds = data::load_fashion_mnist(dir, /*train=*/false, a.val_limit);
-  TANDEM_CHECK(ds->images().size(-1) == a.o.input_shape[2] && ds->images().size(-2) == a.o.input_shape[1],
+  const int64_t channels = ds->images().dim() == 4 ? ds->images().size(1) : 1;
+  TANDEM_CHECK(channels == a.o.input_shape[0] && ds->images().size(-1) == a.o.input_shape[2] &&
+                   ds->images().size(-2) == a.o.input_shape[1],
                "--val-data ", dir, ": its images are ", ds->images().sizes(), ", the model takes ",
-               a.o.input_shape[1], "x", a.o.input_shape[2], "; give matching data or --val-data none");
+               a.o.input_shape[0], "x", a.o.input_shape[1], "x", a.o.input_shape[2],
+               "; give matching data or --val-data none");
   at::Tensor x = ds->images().to(at::kFloat).div(255.0);
   if (x.dim() == 3) x = x.unsqueeze(1);
   x = x.sub(a.o.mean.front()).div(a.o.stddev.front());
@@ -86,6 +88,7 @@ int parse_max_batch(const std::string& s) {
 }
 
 void run_serve(const ServeArgs& a) {
+  if (a.precision != "auto") device::parse_precision(a.precision);  // before any loading
   TANDEM_CHECK(!a.weights.empty(), "--weights is required: a model.pt written by tandem train or by PyTorch's "
                                    "torch.save(model.state_dict())");
   const models::ModelSpec spec{a.model, a.num_classes, a.o.input_shape};
@@ -99,7 +102,7 @@ void run_serve(const ServeArgs& a) {
   // physical cores, which a VM may report as fewer than its vCPUs (one here,
   // for two): batched forward passes are then half as fast.
   TANDEM_CHECK(a.threads >= 0, "--threads must be >= 0 (0: every core), got ", a.threads);
-  at::set_num_threads(a.threads > 0 ? a.threads : std::max(1, static_cast<int>(std::thread::hardware_concurrency())));
+  at::set_num_threads(a.threads > 0 ? a.threads : device::usable_cpus());
   const auto dev = device::choose_device(a.device);
   std::cerr << "[tandem serve] device " << dev.device.str() << " (" << dev.reason << ")\n";
   device::PolicyOptions po;
@@ -217,7 +220,7 @@ void register_serve(CLI::App& app) {
                   "Fashion-MNIST-format directory whose test set checks a lower precision's accuracy (default: "
                   "the Debian package's, for a 1x28x28 10-class model; none: no check)");
   sub->add_option("--val-limit", a->val_limit, "Validation images the precision check uses")->capture_default_str();
-  sub->add_option("--threads", a->threads, "Intra-op threads of the forward pass (0: every core the OS reports)")
+  sub->add_option("--threads", a->threads, "Intra-op threads of the forward pass (0: every CPU this process may use)")
       ->capture_default_str();
   sub->add_option("--max-wait-ms", a->o.max_wait_ms, "Longest the oldest queued input waits for a fuller batch")
       ->capture_default_str();

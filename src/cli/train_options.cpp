@@ -109,7 +109,8 @@ void add_train_flags(CLI::App* sub, TrainFlags& f, bool with_strategy) {
       ->capture_default_str();
   sub->add_flag("--static-shapes", o.static_shapes, "Pad the last batch (masked) so every batch has one shape");
   sub->add_option("--data-device", o.data_device, "Where preprocessing runs: cpu, cuda, cuda:N");
-  sub->add_option("--model-device", o.model_device, "Where the model lives and trains: cpu, cuda, cuda:N");
+  sub->add_option("--model-device", o.model_device, "Where the model lives and trains: cpu, cuda, cuda:N, or auto (the first CUDA device LibTorch sees, else the "
+                  "CPU; the log says why)");
   sub->add_option("--data-gpu", f.data_gpu, "Alias: --data-device cuda:N");
   sub->add_option("--model-gpu", f.model_gpu, "Alias: --model-device cuda:N");
   sub->add_flag("--skip-bad-samples", o.skip_bad_samples, "imagefolder: replace undecodable images and count them");
@@ -184,7 +185,10 @@ train::RunResult run_as_rank(const TrainFlags& f) {
   if (opts.pp > 1) ro.shm_spin_ns = 0;  // stages compute with receives posted (docs/benchmarks.md)
   auto world = comm::resolve_world(ro);
   const auto model = device::plan(opts.data_device, opts.model_device, world.local_rank).model;
-  if (model.is_cuda()) ro.cuda_device = model.index();  // --comm auto/nccl: NCCL for a GPU per rank
+  // --comm auto/nccl: NCCL for a GPU per rank, for the methods that use
+  // collectives only (validate() refuses --comm nccl for the others).
+  const bool collectives_only = (opts.strategy == "ddp" || opts.strategy == "none") && opts.pp == 1;
+  if (model.is_cuda() && collectives_only) ro.cuda_device = model.index();
   opts.local_world_size = world.local_world_size;
   opts.local_rank = world.local_rank;
   auto c = comm::init_from_env(ro);

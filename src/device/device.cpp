@@ -1,15 +1,19 @@
 #include "tandem/device/device.h"
 
 #include <dlfcn.h>
+#include <sched.h>
 #include <malloc.h>
 
 #include <cstdlib>
 
+#include <algorithm>
 #include <filesystem>
+#include <thread>
 
 #include <torch/cuda.h>
 
 #include "tandem/config.h"
+#include "tandem/device/policy.h"
 #include "tandem/util/check.h"
 
 #if TANDEM_HAVE_CUDA
@@ -18,6 +22,13 @@
 #endif
 
 namespace tandem::device {
+
+int usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
 
 int cuda_device_count() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
 
@@ -97,9 +108,10 @@ std::string tune_host_allocator() {
 
 c10::Device parse(const std::string& spec, const std::string& flag, int local_rank) {
   std::string s = spec;
+  if (s == "auto") s = cuda_device_count() > 0 ? "cuda" : "cpu";
   if (!s.empty() && std::all_of(s.begin(), s.end(), ::isdigit)) s = "cuda:" + s;
   if (s == "cpu") return c10::Device(c10::kCPU);
-  TANDEM_CHECK(s.rfind("cuda", 0) == 0, flag, " ", spec, ": unknown device; use cpu, cuda or cuda:N");
+  TANDEM_CHECK(s.rfind("cuda", 0) == 0, flag, " ", spec, ": unknown device; use cpu, cuda, cuda:N or auto");
   int index = -1;
   if (s.size() > 4) {
     TANDEM_CHECK(s[4] == ':' && s.size() > 5 && std::all_of(s.begin() + 5, s.end(), ::isdigit), flag, " ", spec,
@@ -118,12 +130,14 @@ c10::Device parse(const std::string& spec, const std::string& flag, int local_ra
 }
 
 std::string Plan::describe() const {
-  if (dual) return "dual-device: data on " + data.str() + ", model on " + model.str();
-  return "single-device buffered: data and model on " + model.str();
+  const std::string why = reason.empty() ? "" : " (" + reason + ")";
+  if (dual) return "dual-device: data on " + data.str() + ", model on " + model.str() + why;
+  return "single-device buffered: data and model on " + model.str() + why;
 }
 
 Plan plan(const std::string& data_spec, const std::string& model_spec, int local_rank) {
   Plan p;
+  if (model_spec == "auto") p.reason = choose_device(model_spec, "--model-device", local_rank).reason;
   if (!model_spec.empty()) p.model = parse(model_spec, "--model-device", local_rank);
   if (!data_spec.empty()) p.data = parse(data_spec, "--data-device", local_rank);
   else p.data = c10::Device(c10::kCPU);

@@ -132,7 +132,10 @@ at::QEngine pick_qengine() {
 // custom-class IValue.
 class Int8Linears : public models::LinearOverride {
  public:
-  explicit Int8Linears(torch::nn::Module& module) {
+  // reduce_range: the x86 and fbgemm kernels accumulate in 16 bits on CPUs
+  // without VNNI, so activations use 7 bits there, as PyTorch's dynamic
+  // Linear does for them; onednn and qnnpack take the full 8.
+  Int8Linears(torch::nn::Module& module, bool reduce_range) : reduce_range_(reduce_range) {
     auto& dispatcher = c10::Dispatcher::singleton();
     auto prepack = dispatcher.findSchemaOrThrow("quantized::linear_prepack", "");
     for (auto& m : module.modules(/*include_self=*/true)) {
@@ -151,7 +154,7 @@ class Int8Linears : public models::LinearOverride {
   bool forward(const torch::nn::LinearImpl& layer, const at::Tensor& x, at::Tensor& out) const override {
     auto it = packed_.find(&layer);
     if (it == packed_.end()) return false;
-    torch::jit::Stack stack{x.contiguous(), it->second, false};
+    torch::jit::Stack stack{x.contiguous(), it->second, reduce_range_};
     dynamic_.callBoxed(&stack);
     out = stack.at(0).toTensor();
     return true;
@@ -160,6 +163,7 @@ class Int8Linears : public models::LinearOverride {
 
  private:
   std::unordered_map<const torch::nn::LinearImpl*, c10::IValue> packed_;
+  bool reduce_range_;
   c10::OperatorHandle dynamic_{c10::Dispatcher::singleton().findSchemaOrThrow("quantized::linear_dynamic", "")};
 };
 
@@ -180,8 +184,9 @@ Forward prepare(models::Model& model, Precision p, const c10::Device& dev) {
                  " use fp16 or auto");
     const at::QEngine engine = pick_qengine();
     TANDEM_CHECK(engine != at::kNoQEngine, "--precision int8: this LibTorch has no quantised engine; use bf16 or fp32");
-    at::globalContext().setQEngine(engine);
-    auto linears = std::make_shared<Int8Linears>(*module);
+    // Process-wide and not thread-safe: set once, before any quantised op runs.
+    if (at::globalContext().qEngine() != engine) at::globalContext().setQEngine(engine);
+    auto linears = std::make_shared<Int8Linears>(*module, engine == at::kX86 || engine == at::kFBGEMM);
     return [module, forward, linears](const at::Tensor& x) {
       c10::InferenceMode guard;
       models::LinearOverrideScope scope(linears.get());
@@ -280,7 +285,7 @@ Choice choose(const std::function<models::Model()>& make, const c10::Device& dev
   base.speedup = 1.0;
   base.ran = true;
   const bool lower_tried = order.size() > 1 || order.front() != Precision::kFp32;
-  if (checkable && lower_tried) base.accuracy = accuracy(base_forward, val);
+  if (checkable && lower_tried) base.accuracy = accuracy(base_forward, val, std::max(c.probe_batch, 64));
   say(fmt("fp32: %.3f ms per batch of %.0f", base.ms_per_batch, c.probe_batch) +
       (base.accuracy >= 0 ? fmt(", accuracy %.4f", base.accuracy) : std::string()));
 
@@ -305,6 +310,7 @@ Choice choose(const std::function<models::Model()>& make, const c10::Device& dev
       models::Model m = make();
       f = prepare(m, p, dev);
       t.ms_per_batch = time_forward(f, x_probe, o.probe_ms);
+      if (checkable) t.accuracy = accuracy(f, val, std::max(c.probe_batch, 64));
       t.ran = true;
     } catch (const std::exception& e) {
       std::string what = e.what();
@@ -313,7 +319,6 @@ Choice choose(const std::function<models::Model()>& make, const c10::Device& dev
     }
     if (t.ran) {
       t.speedup = base.ms_per_batch / t.ms_per_batch;
-      if (checkable) t.accuracy = accuracy(f, val);
       const double drop = checkable ? base.accuracy - t.accuracy : 0;
       if (automatic && t.speedup < o.min_speedup) {
         t.note = fmt("not faster: %.2fx fp32's speed (needs %.2fx)", t.speedup, o.min_speedup) +

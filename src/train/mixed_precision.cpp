@@ -166,7 +166,10 @@ void LossScaler::update(bool found_inf) {
   if (found_inf) {
     ++skipped_;
     good_run_ = 0;
-    if (o_.dynamic) scale_ *= o_.backoff_factor;
+    // Not below fp16's smallest normal: a scale that small means the loss
+    // itself is inf or nan, and halving further would only reach 0 (and
+    // divide finite gradients by it).
+    if (o_.dynamic) scale_ = std::max(scale_ * o_.backoff_factor, 1.0 / 16384.0);
     return;
   }
   if (++good_run_ >= o_.growth_interval) {

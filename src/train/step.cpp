@@ -200,7 +200,6 @@ StepOutput DataParallelStep::run(data::Batch& batch, int64_t step, int64_t steps
     // Collective: every rank is here at every synchronised step.
     step_ok = scaler_->unscale_and_check(params_, comm_.get());
     scaler_->update(!step_ok);
-    out.skipped = !step_ok;
   }
   if (out.synced && step_ok && !(gsync_ && gsync_->applies_update())) optimizer_->step();
   if (averager_ && ++local_steps_ >= o_.sync_every) {

@@ -56,7 +56,6 @@ sync::DdpOptions ddp_options(const TrainOptions& o);
 struct StepOutput {
   double loss = 0, correct = 0, count = 0;
   bool synced = false;  // the gradients were synchronised (last micro-step of --grad-accum)
-  bool skipped = false;  // the loss scaler found inf or nan: no optimiser step
   int64_t bytes = 0;     // this rank sent (gradients, or --sync-every's parameter average)
   double average_seconds = 0;  // --sync-every: the parameter average of this step (0 without)
   Clock::time_point begin, xfer, fwd, bwd, sync, opt, end;

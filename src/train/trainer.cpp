@@ -159,11 +159,29 @@ void validate(const TrainOptions& o) {
     // The model device as device::plan will choose it: --model-device, else
     // --data-device, else the CPU (a number N means cuda:N).
     const std::string& spec = o.model_device.empty() ? o.data_device : o.model_device;
-    const bool cuda = !spec.empty() && spec != "cpu";
+    const bool cuda = !spec.empty() && device::parse(spec, o.model_device.empty() ? "--data-device" : "--model-device")
+                                           .is_cuda();
     std::string why;
     TANDEM_CHECK(autocast_supported(cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU, precision, &why),
                  "--precision ", o.precision, " on the ", cuda ? "CUDA" : "CPU", " model device: ", why);
   }
+  {
+    // Error feedback keeps the compression error in the gradients' units:
+    // scaled ones, so a skipped step leaves inf in the residual for good and a
+    // new scale leaves it in the old units.
+    const auto kind = sync::parse_compress(o.compress).kind;
+    TANDEM_CHECK(!scaled || (kind != sync::CompressSpec::Kind::kTopK && kind != sync::CompressSpec::Kind::kPowerSgd),
+                 "--loss-scale with --compress ", o.compress, ": the compressor's error feedback would carry scaled "
+                 "(and, after a skipped step, infinite) residuals; use --precision bf16 (no scaler), or --compress "
+                 "none, fp16, bf16 or int8");
+  }
+  // c10d's NCCL matches a pair's sends and receives in posting order and
+  // ignores tags; the ring, the parameter server and pipeline stages post
+  // receives ahead and match by tag.
+  TANDEM_CHECK(o.comm != "nccl" || ((o.strategy == "ddp" || o.strategy == "none") && o.pp == 1),
+               "--comm nccl with ", o.pp > 1 ? "--pp" : "--strategy " + o.strategy,
+               ": NCCL matches point-to-point messages in posting order, not by tag, and this method relies on "
+               "tags; use --strategy ddp, or --comm gloo / shm / auto");
   bool known = false;
   for (auto& n : models::model_names()) known |= n == o.model;
   if (!known) models::make_model({o.model});  // throws the message listing the names

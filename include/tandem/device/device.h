@@ -7,13 +7,20 @@
 
 namespace tandem::device {
 
-// "cpu", "cuda", "cuda:N" (also a bare index N, for the seeds' --data-gpu N).
-// A bare "cuda" is cuda:(local_rank mod devices), so the local ranks of a job
-// spread over the host's GPUs. Throws tandem::Error naming the flag, e.g.
+// "cpu", "cuda", "cuda:N" (also a bare index N, for the seeds' --data-gpu N),
+// or "auto": "cuda" when LibTorch sees a CUDA device, else "cpu"
+// (policy.h's choose_device says why). A bare "cuda" is cuda:(local_rank mod
+// devices), so the local ranks of a job spread over the host's GPUs. Throws tandem::Error naming the flag, e.g.
 // "--model-device cuda:3: this machine has 1 CUDA device: cuda:0".
 c10::Device parse(const std::string& spec, const std::string& flag, int local_rank = 0);
 
 int cuda_device_count();
+
+// The CPUs this process may run on (its affinity mask: taskset, cgroups'
+// cpusets), at least 1. The default intra-op thread count of serve and bench
+// infer: LibTorch's own default counts physical cores, which a VM may report
+// as fewer than its vCPUs (one here, for two).
+int usable_cpus();
 
 // Free memory of a CUDA device now (cudaMemGetInfo, which counts what other
 // processes hold); 0 for the CPU or in a build without CUDA.
@@ -53,6 +60,7 @@ struct Plan {
   c10::Device data{c10::kCPU};
   c10::Device model{c10::kCPU};
   bool dual = false;  // data and model on different devices
+  std::string reason;  // --model-device auto: what it chose and why
   std::string describe() const;
 };
 
