@@ -1,7 +1,6 @@
 // `tandem bench comm`: all-reduce micro-benchmark (gloo, ring, ps), nccl-tests style.
 #include <csignal>
 #include <cstdlib>
-#include <fstream>
 #include <iostream>
 #include <memory>
 #include <sstream>
@@ -73,12 +72,7 @@ void run_bench_comm(const BenchCommArgs& a) {
   auto rows = collectives::bench_comm(raw, o);
   if (c->rank() == 0) {
     std::cout << collectives::format_table(rows, c->size(), o) << std::flush;
-    if (!a.json.empty()) {
-      std::ofstream f(a.json);
-      TANDEM_CHECK(f.good(), "--json: cannot write '", a.json, "'");
-      f << collectives::to_json(rows, c->size(), o);
-      TANDEM_CHECK(f.good(), "--json: error writing '", a.json, "'");
-    }
+    if (!a.json.empty()) write_json_file(a.json, collectives::to_json(rows, c->size(), o));
   }
   for (auto& x : comms) x->barrier();  // no rank leaves while others still talk to it
   bool all_ok = true;

@@ -3,7 +3,6 @@
 // JSON. Devices that are absent are skipped with a note; a precision a device
 // refuses (fp16 convolutions on the CPU, int8 on CUDA) is a cell saying so.
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <memory>
 #include <sstream>
@@ -184,10 +183,7 @@ void run_bench_infer(const InferArgs& a) {
       j["results"].push_back(r);
     }
     j["markdown"] = md.str();
-    std::ofstream f(a.json);
-    TANDEM_CHECK(f.good(), "--json: cannot write '", a.json, "'");
-    f << j.dump(2) << "\n";
-    TANDEM_CHECK(f.good(), "--json: error writing '", a.json, "'");
+    write_json_file(a.json, j.dump(2));
   }
 }
 

@@ -3,7 +3,6 @@
 // and the schedules' peak activation memory against each other.
 #include <algorithm>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <memory>
 #include <sstream>
@@ -187,12 +186,7 @@ void run_bench_pp(const BenchPpArgs& a) {
     out["peak_ratio"] = worst;
     out["peak_ratio_bound_k_over_m"] = bound;
   }
-  if (!a.json.empty()) {
-    std::ofstream f(a.json);
-    TANDEM_CHECK(f.good(), "--json: cannot write '", a.json, "'");
-    f << out.dump(2) << "\n";
-    TANDEM_CHECK(f.good(), "--json: error writing '", a.json, "'");
-  }
+  if (!a.json.empty()) write_json_file(a.json, out.dump(2));
 }
 
 }  // namespace

@@ -3,7 +3,13 @@
 // cli/ only parses flags and calls the library; the work happens below it.
 #include <CLI/CLI.hpp>
 
+#include <string>
+
 namespace tandem::cli {
+// Writes `text` and a newline to the file of --json `path`; throws
+// tandem::Error naming the flag when it cannot be written (main.cpp).
+void write_json_file(const std::string& path, const std::string& text);
+
 void register_train(CLI::App& app);
 void register_launch(CLI::App& app);
 void register_compare(CLI::App& app);

@@ -2,6 +2,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <new>
 
@@ -14,6 +15,13 @@
 #include "tandem/device/device.h"
 #include "tandem/util/check.h"
 #include "train_options.h"
+
+void tandem::cli::write_json_file(const std::string& path, const std::string& text) {
+  std::ofstream f(path);
+  TANDEM_CHECK(f.good(), "--json: cannot write '", path, "'; check that its directory exists and is writable");
+  f << text << "\n";
+  TANDEM_CHECK(f.good(), "--json: error writing '", path, "'");
+}
 
 int main(int argc, char** argv) {
   // Gloo writes to sockets without MSG_NOSIGNAL: a peer that died must surface

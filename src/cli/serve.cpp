@@ -176,12 +176,7 @@ void run_bench_serve(const BenchServeArgs& a) {
               static_cast<long long>(r.requests), a.clients, r.seconds, r.throughput,
               static_cast<long long>(r.errors), r.p50_ms, r.p90_ms, r.p99_ms, r.max_ms);
   if (!r.first_error.empty()) std::printf("first error: %s\n", r.first_error.c_str());
-  if (!a.json.empty()) {
-    std::ofstream f(a.json);
-    TANDEM_CHECK(f.good(), "--json: cannot write '", a.json, "'");
-    f << serve::to_json(r) << "\n";
-    TANDEM_CHECK(f.good(), "--json: error writing '", a.json, "'");
-  }
+  if (!a.json.empty()) write_json_file(a.json, serve::to_json(r));
 }
 
 }  // namespace
