@@ -19,6 +19,8 @@
 
 #include <chrono>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
@@ -532,6 +534,115 @@ TEST(Choose, MaxBatchExplicitOrMeasuredAgainstTheLatencyBound) {
   EXPECT_TRUE(contains(error_of([&] { choose(maker("mlp"), kCpu, o, Validation{}); }), "--precision 'fp64'"));
 }
 
+TEST(Instances, ExplicitCountsAndThreadsAreTakenAsGiven) {
+  auto m = trained_copy("mlp");
+  const Forward f = prepare(m, Precision::kFp32, kCpu);
+  InstanceOptions o;
+  o.cpus = 2;
+  o.max_batch = 64;
+  o.max_batch_auto = true;
+  o.instances = "3";
+  std::ostringstream log;
+  InstancePlan p = plan_instances(f, kCpu, o, &log);
+  EXPECT_EQ(p.instances, 3);
+  EXPECT_EQ(p.threads, 1);     // 2 CPUs over 3 instances: at least one each
+  EXPECT_EQ(p.max_batch, 21);  // a measured batch is shared
+  EXPECT_EQ(p.reason, "--instances 3");
+  EXPECT_TRUE(p.trials.empty());
+  EXPECT_TRUE(contains(log.str(), "[tandem policy] 3 instances x 1 intra-op threads, max batch 21 each (--instances 3)"))
+      << log.str();
+  o.max_batch_auto = false;  // an explicit --max-batch is each instance's
+  o.threads = 4;
+  p = plan_instances(f, kCpu, o);
+  EXPECT_EQ(p.threads, 4);
+  EXPECT_EQ(p.max_batch, 64);
+  // auto with --threads: the CPUs filled, nothing measured.
+  o.instances = "auto";
+  o.threads = 1;
+  o.cpus = 4;
+  p = plan_instances(f, kCpu, o);
+  EXPECT_EQ(p.instances, 4);
+  EXPECT_TRUE(p.trials.empty());
+  EXPECT_TRUE(contains(p.reason, "--threads 1 on 4 CPUs")) << p.reason;
+  // One CPU, or a GPU: one instance, nothing measured (the CUDA device is never touched).
+  o.threads = 0;
+  o.cpus = 1;
+  EXPECT_EQ(plan_instances(f, kCpu, o).instances, 1);
+  o.cpus = 8;
+  p = plan_instances(f, c10::Device(c10::kCUDA, 0), o);
+  EXPECT_EQ(p.instances, 1);
+  EXPECT_EQ(p.threads, 8);
+  EXPECT_TRUE(contains(p.reason, "GPU")) << p.reason;
+  // Bad values name their flags.
+  for (const char* bad : {"0", "zero", "", "2x", "-1"}) {
+    o.instances = bad;
+    EXPECT_TRUE(contains(error_of([&] { plan_instances(f, kCpu, o); }), "--instances '" + std::string(bad) + "'"))
+        << bad;
+  }
+  o.instances = "auto";
+  o.threads = -1;
+  EXPECT_TRUE(contains(error_of([&] { plan_instances(f, kCpu, o); }), "--threads"));
+}
+
+TEST(Instances, AutoMeasuresEachCountAndNeedsTheGainToLeaveOne) {
+  auto m = trained_copy("mlp");
+  const Forward f = prepare(m, Precision::kFp32, kCpu);
+  InstanceOptions o;
+  o.cpus = 4;
+  o.max_batch = 16;
+  o.max_batch_auto = true;
+  o.probe_ms = 30;
+  o.min_gain = 1e9;  // nothing gains that much: one instance, saying why
+  InstancePlan p = plan_instances(f, kCpu, o);
+  ASSERT_EQ(p.trials.size(), 3u);  // 1, 2 and 4 instances
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(p.trials[i].instances, 1 << i);
+    EXPECT_EQ(p.trials[i].threads, 4 >> i);
+    EXPECT_EQ(p.trials[i].batch, 16 >> i);
+    EXPECT_GT(p.trials[i].rows_per_s, 0);
+  }
+  EXPECT_EQ(p.instances, 1);
+  EXPECT_EQ(p.threads, 4);
+  EXPECT_EQ(p.max_batch, 16);
+  EXPECT_TRUE(contains(p.reason, "auto: measured 1x4 at batch 16 ")) << p.reason;
+  EXPECT_TRUE(contains(p.reason, "under the")) << p.reason;
+  o.min_gain = 0;  // any gain: the most rows per second
+  p = plan_instances(f, kCpu, o);
+  ASSERT_EQ(p.trials.size(), 3u);
+  const auto best = std::max_element(p.trials.begin(), p.trials.end(),
+                                     [](const auto& a, const auto& b) { return a.rows_per_s < b.rows_per_s; });
+  EXPECT_EQ(p.instances, best->instances);
+  EXPECT_EQ(p.max_batch, best->batch);
+}
+
+TEST(Instances, ConcurrentThroughputRunsEveryInstanceWithItsThreadsAndRethrows) {
+  std::mutex mu;
+  std::map<std::thread::id, std::pair<int, int>> seen;  // thread -> (calls, intra-op threads)
+  const Forward count = [&](const at::Tensor& x) {
+    std::lock_guard<std::mutex> lock(mu);
+    auto& s = seen[std::this_thread::get_id()];
+    ++s.first;
+    s.second = at::get_num_threads();
+    return x.sum(1);
+  };
+  const int before = at::get_num_threads();
+  const double rows = concurrent_throughput(count, torch::ones({5, 3}), 3, 2, 20);
+  EXPECT_GT(rows, 0);
+  ASSERT_EQ(seen.size(), 3u);
+  for (const auto& [id, s] : seen) {
+    EXPECT_GE(s.first, 2);  // the warm-up and at least one timed pass
+    EXPECT_EQ(s.second, 2);
+  }
+  EXPECT_EQ(at::get_num_threads(), before);
+  const Forward fails = [](const at::Tensor&) -> at::Tensor { throw std::runtime_error("no kernel for this"); };
+  try {
+    concurrent_throughput(fails, torch::ones({1, 3}), 2, 1, 20);
+    ADD_FAILURE() << "a failing forward was not rethrown";
+  } catch (const std::runtime_error& e) {
+    EXPECT_TRUE(contains(e.what(), "no kernel")) << e.what();
+  }
+}
+
 // ---------------------------------------------------------------------------
 // 6: tandem bench infer.
 
@@ -767,7 +878,20 @@ TEST(ServeCommand, AutoPolicyChoosesLogsServesAndStopsCleanly) {
   EXPECT_TRUE(std::regex_search(log, std::regex("\\[tandem policy\\] fp32: [0-9.]+ ms per batch of 4, accuracy 0\\.")))
       << log;
   EXPECT_TRUE(contains(log, "[tandem policy] precision " + precision + " (auto: " + precision)) << log;
-  EXPECT_TRUE(contains(log, "[tandem policy] max batch " + std::to_string(max_batch) + " (auto: ")) << log;
+  // The policy's batch, then the instances that share it (healthz: each one's).
+  std::smatch mb, mi;
+  ASSERT_TRUE(std::regex_search(log, mb, std::regex("\\[tandem policy\\] max batch ([0-9]+) \\(auto: "))) << log;
+  ASSERT_TRUE(std::regex_search(
+      log, mi, std::regex("\\[tandem policy\\] ([0-9]+) instances? x ([0-9]+) intra-op threads, max batch ([0-9]+) "
+                          "each \\(auto: measured 1x")))
+      << log;
+  const int instances = std::stoi(mi[1].str());
+  EXPECT_GE(instances, 1);
+  EXPECT_EQ(max_batch, std::max(1, std::stoi(mb[1].str()) / instances));
+  EXPECT_EQ(std::stoi(mi[3].str()), max_batch);
+  EXPECT_TRUE(contains(log, std::to_string(instances) + (instances == 1 ? " instance x " : " instances x ") +
+                                mi[2].str() + " intra-op threads)"))
+      << log;
   EXPECT_TRUE(contains(log, "under 50.0 ms")) << log;
   for (auto c : cands)  // every candidate up to the chosen one was tried and logged
     if (c != Precision::kFp32) {
@@ -829,6 +953,36 @@ TEST(ServeCommand, ExplicitInt8IsServedUnlessTheAccuracyCheckRefusesIt) {
   EXPECT_EQ(serve.terminate(std::chrono::seconds(60)), 0) << serve.log();
 }
 
+TEST(ServeCommand, TwoInstancesAnswerConcurrentRequestsAsTheModelDoes) {
+  TempDir dir("tandem_policy");
+  const std::string weights = save_trained_mlp(dir);
+  ServeProcess serve({"serve", "--weights", weights, "--model", "mlp", "--host", "127.0.0.1", "--port", "0",
+                      "--precision", "fp32", "--max-batch", "2", "--max-wait-ms", "20", "--instances", "2",
+                      "--threads", "1", "--quiet"},
+                     dir.file("serve.log"));
+  const int port = serve.wait_for_port(std::chrono::seconds(120));
+  ASSERT_GT(port, 0) << serve.log();
+  EXPECT_TRUE(contains(serve.log(), "[tandem policy] 2 instances x 1 intra-op threads, max batch 2 each (--instances 2)"))
+      << serve.log();
+  EXPECT_TRUE(contains(serve.log(), "2 instances x 1 intra-op threads)")) << serve.log();
+  const auto& t = trained();
+  const at::Tensor expected = own_forward(trained_copy("mlp"), t.val.x.slice(0, 0, 16)).argmax(1);
+  std::vector<HttpReply> replies(16);
+  std::vector<std::thread> clients;
+  for (int64_t i = 0; i < 16; ++i)
+    clients.emplace_back([&, i] {
+      const auto png = data::encode_png(t.test_images[i]);
+      replies[static_cast<size_t>(i)] = http(port, "POST", "/v1/predict", std::string(png.begin(), png.end()), "image/png");
+    });
+  for (auto& c : clients) c.join();
+  for (int64_t i = 0; i < 16; ++i) {
+    const auto& r = replies[static_cast<size_t>(i)];
+    ASSERT_EQ(r.status, 200) << r.body;
+    EXPECT_EQ(json::parse(r.body)["class_index"].get<int64_t>(), expected[i].item<int64_t>()) << i;
+  }
+  EXPECT_EQ(serve.terminate(std::chrono::seconds(60)), 0) << serve.log();
+}
+
 TEST(ServeCommand, BadPolicyFlagsAreRefusedNamingThem) {
   TempDir dir("tandem_policy");
   const std::string weights = save_trained_mlp(dir);
@@ -839,6 +993,9 @@ TEST(ServeCommand, BadPolicyFlagsAreRefusedNamingThem) {
   std::tie(rc, text) = run_tandem(base + "--max-batch zero");
   EXPECT_NE(rc, 0) << text;
   EXPECT_TRUE(contains(text, "--max-batch 'zero'")) << text;
+  std::tie(rc, text) = run_tandem(base + "--instances none");
+  EXPECT_NE(rc, 0) << text;
+  EXPECT_TRUE(contains(text, "--instances 'none'")) << text;
   std::tie(rc, text) = run_tandem(base + "--device cuda:3");
   EXPECT_NE(rc, 0) << text;
   EXPECT_TRUE(contains(text, "--device cuda:3")) << text;

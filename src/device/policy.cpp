@@ -3,10 +3,13 @@
 #include <algorithm>
 #include <cctype>
 #include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <sstream>
+#include <thread>
 #include <unordered_map>
 
 #include <ATen/ATen.h>
@@ -373,6 +376,132 @@ Choice choose(const std::function<models::Model()>& make, const c10::Device& dev
   }
   say("max batch " + std::to_string(c.max_batch) + " (" + c.batch_reason + ")");
   return c;
+}
+
+double concurrent_throughput(const Forward& f, const at::Tensor& x, int instances, int threads, double budget_ms) {
+  TANDEM_CHECK(instances >= 1 && threads >= 1, "policy: instances and threads must be >= 1");
+  const c10::Device dev = x.device();
+  // Each thread warms up, then all start together and count their passes
+  // until the deadline; a pass that overruns it still counts (rows over the
+  // time they took).
+  std::mutex mu;
+  std::condition_variable cv;
+  int ready = 0;
+  bool go = false;
+  std::chrono::steady_clock::time_point start, deadline;
+  std::vector<int64_t> passes(static_cast<size_t>(instances), 0);
+  std::vector<std::chrono::steady_clock::time_point> ends(static_cast<size_t>(instances));
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(instances));
+  auto body = [&](size_t i) {
+    try {
+      at::set_num_threads(threads);  // this thread's (OpenMP keeps one setting per thread)
+      f(x);
+      synchronise_if_cuda(dev);
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      if (++ready == instances) {
+        start = std::chrono::steady_clock::now();
+        deadline = start + std::chrono::microseconds(static_cast<int64_t>(budget_ms * 1000));
+        go = true;
+        cv.notify_all();
+      }
+      cv.wait(lock, [&] { return go; });
+    }
+    if (errors[i]) return;
+    try {
+      do {
+        f(x);
+        synchronise_if_cuda(dev);
+        ++passes[i];
+      } while (std::chrono::steady_clock::now() < deadline);
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+    ends[i] = std::chrono::steady_clock::now();
+  };
+  const int before = at::get_num_threads();
+  std::vector<std::thread> pool;
+  for (int i = 0; i < instances; ++i) pool.emplace_back(body, static_cast<size_t>(i));
+  for (auto& t : pool) t.join();
+  at::set_num_threads(before);  // the threads' setting also became the default of new threads
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+  int64_t total = 0;
+  auto last = start;
+  for (int i = 0; i < instances; ++i) {
+    total += passes[static_cast<size_t>(i)];
+    last = std::max(last, ends[static_cast<size_t>(i)]);
+  }
+  const double s = std::chrono::duration<double>(last - start).count();
+  return s > 0 ? static_cast<double>(total * x.size(0)) / s : 0;
+}
+
+InstancePlan plan_instances(const Forward& f, const c10::Device& dev, const InstanceOptions& o, std::ostream* log) {
+  TANDEM_CHECK(o.threads >= 0, "--threads must be >= 0 (0: the CPUs divided among the instances), got ", o.threads);
+  TANDEM_CHECK(o.max_batch >= 1, "policy: the max batch must be >= 1, got ", o.max_batch);
+  TANDEM_CHECK(o.input_shape.size() == 3, "policy: the input shape must be [C, H, W]");
+  const int cpus = std::max(1, o.cpus);
+  int explicit_n = 0;
+  if (o.instances != "auto") {
+    char* end = nullptr;
+    const long v = std::strtol(o.instances.c_str(), &end, 10);
+    TANDEM_CHECK(!o.instances.empty() && end && *end == '\0' && v >= 1 && v <= 1024, "--instances '", o.instances,
+                 "': give a count (1-1024) or auto");
+    explicit_n = static_cast<int>(v);
+  }
+  auto batch_for = [&](int k) { return o.max_batch_auto ? std::max(1, o.max_batch / k) : o.max_batch; };
+  auto threads_for = [&](int k) { return o.threads > 0 ? o.threads : std::max(1, cpus / k); };
+  auto plan = [&](int k, std::string reason) {
+    InstancePlan p;
+    p.instances = k;
+    p.threads = threads_for(k);
+    p.max_batch = batch_for(k);
+    p.reason = std::move(reason);
+    return p;
+  };
+  auto say = [&](const InstancePlan& p) {
+    if (log)
+      *log << "[tandem policy] " << p.instances << (p.instances == 1 ? " instance" : " instances") << " x "
+           << p.threads << " intra-op threads, max batch " << p.max_batch << " each (" << p.reason << ")\n"
+           << std::flush;
+    return p;
+  };
+  if (explicit_n > 0) return say(plan(explicit_n, "--instances " + std::to_string(explicit_n)));
+  if (dev.is_cuda()) return say(plan(1, "auto: one instance per GPU, whose kernels already run in parallel"));
+  if (o.threads > 0)
+    return say(plan(std::max(1, cpus / o.threads),
+                    "auto: --threads " + std::to_string(o.threads) + " on " + std::to_string(cpus) + " CPUs"));
+  if (cpus == 1) return say(plan(1, "auto: one CPU"));
+
+  // 1, 2, 4, ... instances, and one per CPU; each with the CPUs divided among them.
+  std::vector<int> ks;
+  for (int k = 1; k < cpus; k *= 2) ks.push_back(k);
+  ks.push_back(cpus);
+  std::vector<InstancePlan::Trial> trials;
+  for (int k : ks) {
+    const int b = batch_for(k), t = threads_for(k);
+    const at::Tensor x = at::randn({b, o.input_shape[0], o.input_shape[1], o.input_shape[2]}).to(dev);
+    trials.push_back({k, t, b, concurrent_throughput(f, x, k, t, o.probe_ms)});
+  }
+  const auto& one = trials.front();
+  const auto* best = &one;
+  for (const auto& tr : trials)
+    if (tr.rows_per_s > best->rows_per_s) best = &tr;
+  std::ostringstream why;
+  why << "auto: measured";
+  for (const auto& tr : trials)
+    why << (&tr == &trials.front() ? " " : ", ") << tr.instances << "x" << tr.threads << " at batch " << tr.batch
+        << " " << static_cast<int64_t>(tr.rows_per_s) << " rows/s";
+  const int k = best->instances > 1 && best->rows_per_s >= o.min_gain * one.rows_per_s ? best->instances : 1;
+  if (k == 1 && best->instances > 1)
+    why << fmt("; more instances gain %.2fx, under the %.2fx that pays for one instance's lower latency",
+               best->rows_per_s / one.rows_per_s, o.min_gain);
+  auto p = plan(k, why.str());
+  p.trials = std::move(trials);
+  return say(p);
 }
 
 std::string Choice::describe() const {

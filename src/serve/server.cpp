@@ -583,8 +583,9 @@ int Server::start() {
   std::ostringstream os;
   os << "serving " << o.model_name << " on http://" << o.host << ":" << d.port << " (device " << o.device
      << ", precision " << o.precision << ", max batch " << o.max_batch << ", max wait " << o.max_wait_ms
-     << " ms, max queue " << o.max_queue << ", " << o.http_threads << " HTTP threads, " << at::get_num_threads()
-     << " intra-op threads)";
+     << " ms, max queue " << o.max_queue << ", " << o.http_threads << " HTTP threads, " << d.predictors.size()
+     << (d.predictors.size() == 1 ? " instance" : " instances") << " x "
+     << (o.intra_op_threads > 0 ? o.intra_op_threads : at::get_num_threads()) << " intra-op threads)";
   d.event(os.str());
   return d.port;
 }

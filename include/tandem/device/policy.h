@@ -121,6 +121,51 @@ struct Validation {
 Choice choose(const std::function<models::Model()>& make, const c10::Device& dev, const PolicyOptions& o,
               const Validation& val, std::ostream* log = nullptr);
 
+// Model instances: how many copies of the forward run at once, each on its
+// own inference thread with `threads` intra-op threads, all taking batches
+// from one queue (Triton's instance groups, TorchServe's workers). One
+// instance with every CPU gives a batch the lowest latency; on the CPU a
+// small model at a small batch cannot keep several intra-op threads busy, and
+// one instance per CPU then serves more (the cnn at batch 1 here: 2.2x, see
+// docs/serving.md). On a GPU one instance: its kernels are already parallel.
+struct InstancePlan {
+  int instances = 1;
+  int threads = 1;    // intra-op threads of each instance
+  int max_batch = 1;  // rows per forward pass of each instance
+  std::string reason;
+  struct Trial {
+    int instances, threads, batch;
+    double rows_per_s;
+  };
+  std::vector<Trial> trials;  // auto on the CPU: what was measured
+};
+
+struct InstanceOptions {
+  std::string instances = "auto";  // auto or a count (--instances)
+  int threads = 0;                 // intra-op threads per instance; 0: the CPUs / instances (--threads)
+  int cpus = 1;                    // CPUs this process may use
+  // The batch one instance would take on its own (Choice::max_batch). When it
+  // was measured (auto), k instances share it: each takes max_batch / k, so
+  // that rows in flight and the latency of a pass stay what the bound chose.
+  int max_batch = 1;
+  bool max_batch_auto = false;
+  double min_gain = 1.10;  // more instances must serve this many times the rows of one
+  double probe_ms = 150;   // timing of each candidate
+  std::vector<int64_t> input_shape{1, 28, 28};
+};
+
+// Decides the instances: explicit when `o.instances` is a count, else on the
+// CPU by measuring 1, 2, 4, ... instances (CPUs / k threads each) running at
+// once and keeping the most rows per second, if it beats one instance by
+// min_gain. Throws tandem::Error naming --instances or --threads when they
+// are malformed.
+InstancePlan plan_instances(const Forward& f, const c10::Device& dev, const InstanceOptions& o,
+                            std::ostream* log = nullptr);
+
+// Rows per second of `instances` copies of `f` run at once on `x`, each
+// thread with `threads` intra-op threads, over about `budget_ms`.
+double concurrent_throughput(const Forward& f, const at::Tensor& x, int instances, int threads, double budget_ms);
+
 // Median milliseconds of `f` on `x` after a warm-up, over at least 3 runs and
 // about `budget_ms` (CUDA: synchronised around each run).
 double time_forward(const Forward& f, const at::Tensor& x, double budget_ms);

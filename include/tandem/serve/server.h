@@ -87,6 +87,8 @@ struct ServeOptions {
   std::string model_name = "model";
   std::string device = "cpu";
   std::string precision = "fp32";
+  // Intra-op threads of each predictor, for the start-up line; 0: this thread's.
+  int intra_op_threads = 0;
   // Device memory in use (bytes) for /metrics; nullptr or a negative answer: not shown.
   std::function<int64_t()> device_memory;
 };
