@@ -242,7 +242,7 @@ void register_serve(CLI::App& app) {
   sub->add_option("--instances", a->instances,
                   "Model instances, each on its own inference thread taking batches from the one queue, or auto: "
                   "on the CPU the count (1, 2, 4, ... or one per CPU) that measures the most images per second at "
-                  "start-up, if it beats one instance by 10%; one on a GPU. With --max-batch auto the instances "
+                  "start-up, if it beats one instance by 25%; one on a GPU. With --max-batch auto the instances "
                   "share the measured batch")
       ->capture_default_str();
   sub->add_option("--threads", a->threads,
