@@ -148,9 +148,16 @@ void register_doctor(CLI::App& app) {
       for (const auto& t : c.trials)
         trials += std::string(trials.empty() ? "" : "; ") + device::to_string(t.precision) + " " +
                   (t.ran ? fmt("%.2f ms", t.ms_per_batch) : std::string("refused"));
+      device::InstanceOptions io;
+      io.cpus = device::usable_cpus();
+      io.max_batch = c.max_batch;
+      io.max_batch_auto = true;
+      io.probe_ms = 100;
+      const auto inst = device::plan_instances(c.forward, serve_device.device, io, nullptr);
       return std::string("precision ") + device::to_string(c.precision) + ", max batch " +
-             std::to_string(c.max_batch) + " (seed default " + std::to_string(c.seed_batch) + "); batch " +
-             std::to_string(c.probe_batch) + ": " + trials;
+             std::to_string(c.max_batch) + " (seed default " + std::to_string(c.seed_batch) + "), " +
+             std::to_string(inst.instances) + (inst.instances == 1 ? " instance x " : " instances x ") +
+             std::to_string(inst.threads) + " threads; batch " + std::to_string(c.probe_batch) + ": " + trials;
     });
     d.mark("PASS", "training precision",
            device::cpu_info().native_bf16()
