@@ -615,6 +615,74 @@ TEST(Instances, AutoMeasuresEachCountAndNeedsTheGainToLeaveOne) {
   EXPECT_EQ(p.max_batch, best->batch);
 }
 
+bool runs_on_cpu(const std::string& name, Precision p);  // section 6
+
+// Forwards whose scaling is known whatever the machine: one that waits (k
+// instances run k times the rows) and one that holds a lock (k instances run
+// the rows of one).
+TEST(Instances, TheGainThresholdDecidesAgainstKnownScaling) {
+  InstanceOptions o;
+  o.cpus = 4;
+  o.max_batch = 8;  // explicit: every instance runs 8 rows
+  o.probe_ms = 60;
+  const Forward waits = [](const at::Tensor& x) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(3));
+    return x.flatten(1);
+  };
+  InstancePlan p = plan_instances(waits, kCpu, o);
+  ASSERT_EQ(p.trials.size(), 3u);
+  EXPECT_GT(p.trials[2].rows_per_s, 2 * p.trials[0].rows_per_s);
+  EXPECT_GT(p.instances, 1) << p.reason;
+  EXPECT_EQ(p.max_batch, 8);
+  EXPECT_TRUE(contains(p.reason, "one instance (needs 1.25x)")) << p.reason;
+  std::mutex one_at_a_time;
+  const Forward serial = [&](const at::Tensor& x) {
+    std::lock_guard<std::mutex> lock(one_at_a_time);
+    std::this_thread::sleep_for(std::chrono::milliseconds(3));
+    return x.flatten(1);
+  };
+  p = plan_instances(serial, kCpu, o);
+  EXPECT_EQ(p.instances, 1) << p.reason;
+  EXPECT_EQ(p.threads, 4);
+  // A measured batch is never split below one row per instance.
+  o.max_batch = 2;
+  o.max_batch_auto = true;
+  p = plan_instances(waits, kCpu, o);
+  ASSERT_EQ(p.trials.size(), 2u);  // 1 and 2 instances; not 4
+  EXPECT_EQ(p.trials[1].batch, 1);
+  // With --threads the batch was timed at an instance's own threads: not split.
+  o.threads = 2;
+  p = plan_instances(waits, kCpu, o);
+  EXPECT_EQ(p.instances, 2);
+  EXPECT_EQ(p.max_batch, 2);
+}
+
+// Several instances run one prepared model at once: each precision that runs
+// here gives every thread the answers one thread gets.
+TEST(Instances, OnePreparedModelAnswersTheSameFromSeveralThreads) {
+  const at::Tensor x = trained().val.x.slice(0, 0, 64);
+  for (Precision p : {Precision::kFp32, Precision::kBf16, Precision::kInt8}) {
+    if (!runs_on_cpu("cnn", p)) continue;
+    auto m = trained_copy("cnn");
+    const Forward f = prepare(m, p, kCpu);
+    at::Tensor alone;  // at the instances' thread count, so the sums run in the same order
+    std::thread([&] {
+      set_instance_threads(1);
+      alone = f(x);
+    }).join();
+    std::vector<at::Tensor> got(4);
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < got.size(); ++i)
+      threads.emplace_back([&, i] {
+        set_instance_threads(1);
+        for (int rep = 0; rep < 5; ++rep) got[i] = f(x);
+      });
+    for (auto& t : threads) t.join();
+    for (const auto& g : got) EXPECT_TRUE(g.equal(alone)) << to_string(p) << ": max difference "
+                                                        << (g - alone).abs().max().item<float>();
+  }
+}
+
 TEST(Instances, ConcurrentThroughputRunsEveryInstanceWithItsThreadsAndRethrows) {
   std::mutex mu;
   std::map<std::thread::id, std::pair<int, int>> seen;  // thread -> (calls, intra-op threads)
@@ -626,6 +694,7 @@ TEST(Instances, ConcurrentThroughputRunsEveryInstanceWithItsThreadsAndRethrows) 
     return x.sum(1);
   };
   const int before = at::get_num_threads();
+  at::set_num_threads(1);
   const double rows = concurrent_throughput(count, torch::ones({5, 3}), 3, 2, 20);
   EXPECT_GT(rows, 0);
   ASSERT_EQ(seen.size(), 3u);
@@ -633,7 +702,11 @@ TEST(Instances, ConcurrentThroughputRunsEveryInstanceWithItsThreadsAndRethrows) 
     EXPECT_GE(s.first, 2);  // the warm-up and at least one timed pass
     EXPECT_EQ(s.second, 2);
   }
-  EXPECT_EQ(at::get_num_threads(), before);
+  // The process-wide default is restored: a new thread starts at 1, not 2.
+  int fresh = 0;
+  std::thread([&] { fresh = at::get_num_threads(); }).join();
+  EXPECT_EQ(fresh, 1);
+  at::set_num_threads(before);
   const Forward fails = [](const at::Tensor&) -> at::Tensor { throw std::runtime_error("no kernel for this"); };
   try {
     concurrent_throughput(fails, torch::ones({1, 3}), 2, 1, 20);
@@ -883,7 +956,7 @@ TEST(ServeCommand, AutoPolicyChoosesLogsServesAndStopsCleanly) {
   ASSERT_TRUE(std::regex_search(log, mb, std::regex("\\[tandem policy\\] max batch ([0-9]+) \\(auto: "))) << log;
   ASSERT_TRUE(std::regex_search(
       log, mi, std::regex("\\[tandem policy\\] ([0-9]+) instances? x ([0-9]+) intra-op threads, max batch ([0-9]+) "
-                          "each \\(auto: measured 1x")))
+                          "each \\(auto: ")))
       << log;
   const int instances = std::stoi(mi[1].str());
   EXPECT_GE(instances, 1);

@@ -138,11 +138,7 @@ void run_serve(const ServeArgs& a) {
   std::vector<serve::Predictor> instances;
   for (int i = 0; i < inst.instances; ++i)
     instances.push_back([predict, t = inst.threads](const at::Tensor& x) {
-      thread_local int set = 0;
-      if (set != t) {
-        at::set_num_threads(t);  // this inference thread's own setting
-        set = t;
-      }
+      device::set_instance_threads(t);
       return predict(x);
     });
 

@@ -378,6 +378,27 @@ Choice choose(const std::function<models::Model()>& make, const c10::Device& dev
   return c;
 }
 
+namespace {
+
+// Sets this thread's intra-op threads. In LibTorch (OpenMP) the count is
+// per thread, but set_num_threads also stores a process-wide default that a
+// thread applies to itself on its first parallel op (lazy initialisation):
+// that first op must come before, or it would overwrite the setting with
+// whatever another thread stored last.
+void set_thread_intra_op(int threads) {
+  (void)at::get_num_threads();  // this thread's lazy initialisation, now
+  at::set_num_threads(threads);
+}
+
+}  // namespace
+
+void set_instance_threads(int threads) {
+  thread_local int set = 0;
+  if (set == threads) return;
+  set_thread_intra_op(threads);
+  set = threads;
+}
+
 double concurrent_throughput(const Forward& f, const at::Tensor& x, int instances, int threads, double budget_ms) {
   TANDEM_CHECK(instances >= 1 && threads >= 1, "policy: instances and threads must be >= 1");
   const c10::Device dev = x.device();
@@ -394,7 +415,7 @@ double concurrent_throughput(const Forward& f, const at::Tensor& x, int instance
   std::vector<std::exception_ptr> errors(static_cast<size_t>(instances));
   auto body = [&](size_t i) {
     try {
-      at::set_num_threads(threads);  // this thread's (OpenMP keeps one setting per thread)
+      set_thread_intra_op(threads);
       f(x);
       synchronise_if_cuda(dev);
     } catch (...) {
@@ -410,6 +431,7 @@ double concurrent_throughput(const Forward& f, const at::Tensor& x, int instance
       }
       cv.wait(lock, [&] { return go; });
     }
+    ends[i] = start;
     if (errors[i]) return;
     try {
       do {
@@ -424,9 +446,20 @@ double concurrent_throughput(const Forward& f, const at::Tensor& x, int instance
   };
   const int before = at::get_num_threads();
   std::vector<std::thread> pool;
-  for (int i = 0; i < instances; ++i) pool.emplace_back(body, static_cast<size_t>(i));
+  std::exception_ptr spawn_error;
+  try {
+    for (int i = 0; i < instances; ++i) pool.emplace_back(body, static_cast<size_t>(i));
+  } catch (...) {  // no thread for every instance: release those waiting, then fail
+    spawn_error = std::current_exception();
+    std::lock_guard<std::mutex> lock(mu);
+    start = deadline = std::chrono::steady_clock::now();
+    go = true;
+    cv.notify_all();
+  }
   for (auto& t : pool) t.join();
-  at::set_num_threads(before);  // the threads' setting also became the default of new threads
+  // The threads' settings also became the default of threads not yet initialised.
+  at::set_num_threads(before);
+  if (spawn_error) std::rethrow_exception(spawn_error);
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
   int64_t total = 0;
@@ -452,7 +485,11 @@ InstancePlan plan_instances(const Forward& f, const c10::Device& dev, const Inst
                  "': give a count (1-1024) or auto");
     explicit_n = static_cast<int>(v);
   }
-  auto batch_for = [&](int k) { return o.max_batch_auto ? std::max(1, o.max_batch / k) : o.max_batch; };
+  // A measured batch was timed on one instance with every CPU; k instances
+  // with a k-th of the CPUs each share it. With --threads it was timed at
+  // an instance's own threads and stays whole.
+  const bool share_batch = o.max_batch_auto && o.threads == 0;
+  auto batch_for = [&](int k) { return share_batch ? std::max(1, o.max_batch / k) : o.max_batch; };
   auto threads_for = [&](int k) { return o.threads > 0 ? o.threads : std::max(1, cpus / k); };
   auto plan = [&](int k, std::string reason) {
     InstancePlan p;
@@ -476,15 +513,28 @@ InstancePlan plan_instances(const Forward& f, const c10::Device& dev, const Inst
                     "auto: --threads " + std::to_string(o.threads) + " on " + std::to_string(cpus) + " CPUs"));
   if (cpus == 1) return say(plan(1, "auto: one CPU"));
 
-  // 1, 2, 4, ... instances, and one per CPU; each with the CPUs divided among them.
+  // 1, 2, 4, ... instances that divide the CPUs, and one per CPU. A measured
+  // batch is not split below one row per instance: the pass would then take
+  // longer than the latency bound allowed.
   std::vector<int> ks;
-  for (int k = 1; k < cpus; k *= 2) ks.push_back(k);
+  for (int k = 1; k < cpus; k *= 2)
+    if (cpus % k == 0) ks.push_back(k);
   ks.push_back(cpus);
+  if (share_batch) ks.erase(std::remove_if(ks.begin(), ks.end(), [&](int k) { return k > o.max_batch; }), ks.end());
   std::vector<InstancePlan::Trial> trials;
+  std::string refused;
   for (int k : ks) {
     const int b = batch_for(k), t = threads_for(k);
     const at::Tensor x = at::randn({b, o.input_shape[0], o.input_shape[1], o.input_shape[2]}).to(dev);
-    trials.push_back({k, t, b, concurrent_throughput(f, x, k, t, o.probe_ms)});
+    try {
+      trials.push_back({k, t, b, concurrent_throughput(f, x, k, t, o.probe_ms)});
+    } catch (const std::exception& e) {
+      if (k == 1) throw;  // the model itself does not run
+      std::string what = e.what();
+      if (auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);
+      refused = "; " + std::to_string(k) + " instances failed (" + what + "), so no more were tried";
+      break;
+    }
   }
   const auto& one = trials.front();
   const auto* best = &one;
@@ -495,10 +545,15 @@ InstancePlan plan_instances(const Forward& f, const c10::Device& dev, const Inst
   for (const auto& tr : trials)
     why << (&tr == &trials.front() ? " " : ", ") << tr.instances << "x" << tr.threads << " at batch " << tr.batch
         << " " << static_cast<int64_t>(tr.rows_per_s) << " rows/s";
-  const int k = best->instances > 1 && best->rows_per_s >= o.min_gain * one.rows_per_s ? best->instances : 1;
-  if (k == 1 && best->instances > 1)
-    why << fmt("; more instances gain %.2fx, under the %.2fx that pays for one instance's lower latency",
-               best->rows_per_s / one.rows_per_s, o.min_gain);
+  why << refused;
+  const double gain = one.rows_per_s > 0 ? best->rows_per_s / one.rows_per_s : 1.0;
+  const int k = best->instances > 1 && gain >= o.min_gain ? best->instances : 1;
+  if (best->instances > 1)
+    why << fmt(k > 1 ? "; %.2fx one instance (needs %.2fx)"
+                     : "; more instances gain %.2fx, under the %.2fx that pays for one instance's lower latency",
+               gain, o.min_gain);
+  else if (trials.size() > 1)
+    why << "; one instance is fastest";
   auto p = plan(k, why.str());
   p.trials = std::move(trials);
   return say(p);

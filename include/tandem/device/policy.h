@@ -151,8 +151,9 @@ struct InstanceOptions {
   bool max_batch_auto = false;
   // More instances must run this many times the rows of one. The forward
   // passes alone overstate what serving gains: the HTTP threads take CPU from
-  // the instances (the cnn at batch 64 here: 1.17x alone, 1.02x served, with
-  // a worse p99; at batch 1: 3.4x alone, 2.17x served; docs/serving.md).
+  // the instances (the cnn here: 2 x 64 rows against 1 x 128, 1.17x alone,
+  // 1.02x served with a worse p99; at batch 1: 3.4x alone, 2.17x served;
+  // docs/serving.md).
   double min_gain = 1.25;
   double probe_ms = 150;   // timing of each candidate
   std::vector<int64_t> input_shape{1, 28, 28};
@@ -166,8 +167,14 @@ struct InstanceOptions {
 InstancePlan plan_instances(const Forward& f, const c10::Device& dev, const InstanceOptions& o,
                             std::ostream* log = nullptr);
 
+// Sets the calling thread's intra-op threads, once per thread (an inference
+// thread calls it before each pass). set_num_threads alone may be undone
+// by LibTorch's lazy per-thread initialisation; this is not.
+void set_instance_threads(int threads);
+
 // Rows per second of `instances` copies of `f` run at once on `x`, each
-// thread with `threads` intra-op threads, over about `budget_ms`.
+// thread with `threads` intra-op threads, over about `budget_ms`. The
+// process-wide default thread count is restored afterwards.
 double concurrent_throughput(const Forward& f, const at::Tensor& x, int instances, int threads, double budget_ms);
 
 // Median milliseconds of `f` on `x` after a warm-up, over at least 3 runs and

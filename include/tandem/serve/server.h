@@ -5,8 +5,9 @@
 // Threads (see Note [Serve threads] in src/serve/server.cpp):
 //  - HTTP worker threads (ServeOptions::http_threads) parse and validate a
 //    request, turn it into normalised input rows, queue them and wait.
-//  - One inference thread per predictor (one predictor per device) takes
-//    batches off the shared queue and runs them. A batch runs when it holds
+//  - One inference thread per predictor (a model instance: `tandem serve
+//    --instances`, or one per device) takes batches off the shared queue and
+//    runs them. A batch runs when it holds
 //    max_batch rows or its oldest row has waited max_wait_ms.
 // Failure policy:
 //  - Bad input (malformed HTTP, undecodable image, wrong size) answers 4xx
@@ -37,9 +38,11 @@ struct Model;
 namespace tandem::serve {
 
 // Maps a float [B, C, H, W] batch of normalised inputs to logits [B, classes].
-// Called from one inference thread only (each predictor has its own), so it
-// needs no locking of its own. Precision and device policies (bf16, int8,
-// CUDA) wrap this function; the server sees only it.
+// Each predictor is called from its own inference thread only. Several
+// predictors may share one model (instances): its forward must then only
+// read it, as an eval-mode forward under InferenceMode does. Precision and
+// device policies (bf16, int8, CUDA) wrap this function; the server sees
+// only it.
 using Predictor = std::function<at::Tensor(const at::Tensor&)>;
 
 // The model's forward under c10::InferenceMode, after module->eval().
@@ -125,7 +128,7 @@ struct Metrics {
 class Server {
  public:
   Server(Predictor predictor, ServeOptions options);
-  // One predictor per device, each with its own inference thread, all fed from one queue.
+  // Several predictors (instances, or devices), each with its own inference thread, all fed from one queue.
   Server(std::vector<Predictor> predictors, ServeOptions options);
   // make_predictor(model).
   Server(const models::Model& model, ServeOptions options);
