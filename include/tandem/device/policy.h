@@ -151,9 +151,9 @@ struct InstanceOptions {
   bool max_batch_auto = false;
   // More instances must run this many times the rows of one. The forward
   // passes alone overstate what serving gains: the HTTP threads take CPU from
-  // the instances (the cnn here: 2 x 64 rows against 1 x 128, 1.17x alone,
-  // 1.02x served with a worse p99; at batch 1: 3.4x alone, 2.17x served;
-  // docs/serving.md).
+  // the instances (the cnn here: 2 x 64 rows against 1 x 128, 1.14-1.58x
+  // alone, 0.96-1.02x served with a worse p99; at batch 1: 3.5x alone, 2.25x
+  // served; docs/benchmarks.md, "Model instances").
   double min_gain = 1.25;
   double probe_ms = 150;   // timing of each candidate
   std::vector<int64_t> input_shape{1, 28, 28};
