@@ -534,13 +534,23 @@ TEST(Choose, MaxBatchExplicitOrMeasuredAgainstTheLatencyBound) {
   EXPECT_TRUE(contains(error_of([&] { choose(maker("mlp"), kCpu, o, Validation{}); }), "--precision 'fp64'"));
 }
 
-TEST(Instances, ExplicitCountsAndThreadsAreTakenAsGiven) {
+// The trained mlp at fp32, ready (the forward keeps its model alive), and
+// instance options for `cpus` CPUs sharing a measured batch of `batch`.
+Forward trained_mlp() {
   auto m = trained_copy("mlp");
-  const Forward f = prepare(m, Precision::kFp32, kCpu);
+  return prepare(m, Precision::kFp32, kCpu);
+}
+InstanceOptions measured_batch(int cpus, int batch) {
   InstanceOptions o;
-  o.cpus = 2;
-  o.max_batch = 64;
+  o.cpus = cpus;
+  o.max_batch = batch;
   o.max_batch_auto = true;
+  return o;
+}
+
+TEST(Instances, ExplicitCountsAndThreadsAreTakenAsGiven) {
+  const Forward f = trained_mlp();
+  InstanceOptions o = measured_batch(2, 64);
   o.instances = "3";
   std::ostringstream log;
   InstancePlan p = plan_instances(f, kCpu, o, &log);
@@ -585,12 +595,8 @@ TEST(Instances, ExplicitCountsAndThreadsAreTakenAsGiven) {
 }
 
 TEST(Instances, AutoMeasuresEachCountAndNeedsTheGainToLeaveOne) {
-  auto m = trained_copy("mlp");
-  const Forward f = prepare(m, Precision::kFp32, kCpu);
-  InstanceOptions o;
-  o.cpus = 4;
-  o.max_batch = 16;
-  o.max_batch_auto = true;
+  const Forward f = trained_mlp();
+  InstanceOptions o = measured_batch(4, 16);
   o.probe_ms = 30;
   o.min_gain = 1e9;  // nothing gains that much: one instance, saying why
   InstancePlan p = plan_instances(f, kCpu, o);

@@ -260,6 +260,8 @@ TEST(Train, BadFlagsNameTheFlag) {
       {"train --strategy magic", "--strategy 'magic' is unknown"},
       {"train --strategy ps", "at least 2 ranks"},
       {"train --buffer-size zero", "--buffer-size must be a number >= 1 or auto"},
+      {"train --buffer-size 8x", "--buffer-size must be a number >= 1 or auto, got '8x'"},
+      {"train --buffer-size 99999999999999999999", "--buffer-size must be a number >= 1 or auto"},
       {"train --data-dir /nonexistent", "/nonexistent/train-images-idx3-ubyte.gz: no such file"},
       {"train --model-device cuda:3", "cuda:3"},
       {"train --compress int4", "--compress int4: unknown gradient compression; choose none, fp16, bf16, int8"},
@@ -277,6 +279,7 @@ TEST(Train, BadFlagsNameTheFlag) {
       {"train --pp 2 --pp-balance flops", "--pp-balance 'flops' is unknown"},
       {"train --nproc 3 --pp 2 --strategy ps", "--pp 2 with --strategy ps"},
       {"train --pp 2 --batch-size 4 --micro-batches 8", "cannot be split into --micro-batches 8"},
+      {"compare --methods localsgd:8x", "--methods: 'localsgd:8x': 8x is not a whole number >= 1"},
       {"compare --nproc 3 --methods ddp,pp", "'pp' cuts the model into 2 stages, which --nproc 3 is not a multiple of"},
   };
   for (const auto& c : cases) {

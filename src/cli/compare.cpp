@@ -14,6 +14,7 @@
 #include "tandem/report/report.h"
 #include "tandem/train/trainer.h"
 #include "tandem/util/check.h"
+#include "tandem/util/parse.h"
 #include "train_options.h"
 
 namespace tandem::cli {
@@ -97,10 +98,8 @@ Variant parse_variant(const std::string& m) {
   const std::string rest = colon == std::string::npos ? "" : m.substr(colon + 1);
   Variant v{m, base, {}};
   auto whole = [&](const std::string& x) {
-    char* end = nullptr;
-    const long n = std::strtol(x.c_str(), &end, 10);
-    TANDEM_CHECK(!x.empty() && end && *end == '\0' && n >= 1, "--methods: '", m, "': ", x,
-                 " is not a whole number >= 1");
+    const auto n = parse_whole(x);
+    TANDEM_CHECK(n && *n >= 1, "--methods: '", m, "': ", x, " is not a whole number >= 1");
     return x;
   };
   if (base == "ddp" || base == "ring") {

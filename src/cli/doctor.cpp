@@ -143,11 +143,7 @@ void register_doctor(CLI::App& app) {
       device::PolicyOptions po;
       po.require_accuracy_check = false;
       po.probe_ms = 100;
-      struct RestoreThreads {
-        int n;
-        ~RestoreThreads() { at::set_num_threads(n); }
-      } restore{at::get_num_threads()};
-      at::set_num_threads(device::usable_cpus());  // as serve times its candidates
+      const device::IntraOpThreads threads(device::usable_cpus());  // as serve times its candidates
       auto c = device::choose([] { return models::make_model({"cnn"}); }, serve_device.device, po, {}, nullptr);
       std::string trials;
       for (const auto& t : c.trials)

@@ -20,6 +20,7 @@
 #include "tandem/models/weights.h"
 #include "tandem/serve/server.h"
 #include "tandem/util/check.h"
+#include "tandem/util/parse.h"
 
 namespace tandem::cli {
 namespace {
@@ -81,11 +82,9 @@ device::Validation validation_rows(const ServeArgs& a) {
 
 int parse_max_batch(const std::string& s) {
   if (s == "auto") return 0;
-  char* end = nullptr;
-  const long v = std::strtol(s.c_str(), &end, 10);
-  TANDEM_CHECK(end && *end == '\0' && v >= 1 && v <= 65536, "--max-batch '", s,
-               "': give a number of rows (1-65536) or auto");
-  return static_cast<int>(v);
+  const auto v = parse_whole(s);
+  TANDEM_CHECK(v && *v >= 1 && *v <= 65536, "--max-batch '", s, "': give a number of rows (1-65536) or auto");
+  return static_cast<int>(*v);
 }
 
 void run_serve(const ServeArgs& a) {

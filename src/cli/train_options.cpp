@@ -8,6 +8,7 @@
 #include "tandem/device/device.h"
 #include "tandem/launch/launcher.h"
 #include "tandem/util/check.h"
+#include "tandem/util/parse.h"
 
 namespace tandem::cli {
 
@@ -154,10 +155,10 @@ void finalize_train_flags(TrainFlags& f) {
   if (f.buffer_size == "auto") {
     f.opts.buffer_size = 0;
   } else {
-    char* end = nullptr;
-    long v = std::strtol(f.buffer_size.c_str(), &end, 10);
-    TANDEM_CHECK(end && *end == '\0' && v >= 1, "--buffer-size must be a number >= 1 or auto, got '", f.buffer_size, "'");
-    f.opts.buffer_size = static_cast<int>(v);
+    const auto v = parse_whole(f.buffer_size);
+    TANDEM_CHECK(v && *v >= 1 && *v <= 1 << 20, "--buffer-size must be a number >= 1 or auto, got '", f.buffer_size,
+                 "'");
+    f.opts.buffer_size = static_cast<int>(*v);
   }
   if (f.resume_opt && f.resume_opt->count() > 0 && f.opts.resume.empty()) f.opts.resume = "latest";
   TANDEM_CHECK(f.max_restarts >= 0, "--max-restarts must be >= 0, got ", f.max_restarts);
@@ -187,8 +188,7 @@ train::RunResult run_as_rank(const TrainFlags& f) {
   const auto model = device::plan(opts.data_device, opts.model_device, world.local_rank).model;
   // --comm auto/nccl: NCCL for a GPU per rank, for the methods that use
   // collectives only (validate() refuses --comm nccl for the others).
-  const bool collectives_only = (opts.strategy == "ddp" || opts.strategy == "none") && opts.pp == 1;
-  if (model.is_cuda() && collectives_only) ro.cuda_device = model.index();
+  if (model.is_cuda() && train::collectives_only(opts)) ro.cuda_device = model.index();
   opts.local_world_size = world.local_world_size;
   opts.local_rank = world.local_rank;
   auto c = comm::init_from_env(ro);

@@ -21,6 +21,7 @@
 #include "tandem/device/device.h"
 #include "tandem/models/linear.h"
 #include "tandem/util/check.h"
+#include "tandem/util/parse.h"
 
 namespace tandem::device {
 
@@ -392,6 +393,9 @@ void set_thread_intra_op(int threads) {
 
 }  // namespace
 
+IntraOpThreads::IntraOpThreads(int threads) : before_(at::get_num_threads()) { at::set_num_threads(threads); }
+IntraOpThreads::~IntraOpThreads() { at::set_num_threads(before_); }
+
 void set_instance_threads(int threads) {
   thread_local int set = 0;
   if (set == threads) return;
@@ -444,7 +448,9 @@ double concurrent_throughput(const Forward& f, const at::Tensor& x, int instance
     }
     ends[i] = std::chrono::steady_clock::now();
   };
-  const int before = at::get_num_threads();
+  // The threads' settings also become the default of threads not yet
+  // initialised: restored when this returns.
+  const IntraOpThreads restore(at::get_num_threads());
   std::vector<std::thread> pool;
   std::exception_ptr spawn_error;
   try {
@@ -457,8 +463,6 @@ double concurrent_throughput(const Forward& f, const at::Tensor& x, int instance
     cv.notify_all();
   }
   for (auto& t : pool) t.join();
-  // The threads' settings also became the default of threads not yet initialised.
-  at::set_num_threads(before);
   if (spawn_error) std::rethrow_exception(spawn_error);
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
@@ -479,11 +483,9 @@ InstancePlan plan_instances(const Forward& f, const c10::Device& dev, const Inst
   const int cpus = std::max(1, o.cpus);
   int explicit_n = 0;
   if (o.instances != "auto") {
-    char* end = nullptr;
-    const long v = std::strtol(o.instances.c_str(), &end, 10);
-    TANDEM_CHECK(!o.instances.empty() && end && *end == '\0' && v >= 1 && v <= 1024, "--instances '", o.instances,
-                 "': give a count (1-1024) or auto");
-    explicit_n = static_cast<int>(v);
+    const auto v = parse_whole(o.instances);
+    TANDEM_CHECK(v && *v >= 1 && *v <= 1024, "--instances '", o.instances, "': give a count (1-1024) or auto");
+    explicit_n = static_cast<int>(*v);
   }
   // A measured batch was timed on one instance with every CPU; k instances
   // with a k-th of the CPUs each share it. With --threads it was timed at

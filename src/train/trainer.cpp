@@ -75,6 +75,8 @@ std::string method_name(const std::string& strategy) {
 
 std::string method_name(const TrainOptions& o) { return o.pp > 1 ? "pp" : method_name(o.strategy); }
 
+bool collectives_only(const TrainOptions& o) { return (o.strategy == "ddp" || o.strategy == "none") && o.pp == 1; }
+
 void validate(const TrainOptions& o) {
   TANDEM_CHECK(o.epochs >= 1, "--epochs must be >= 1, got ", o.epochs);
   TANDEM_CHECK(o.batch_size >= 1, "--batch-size must be >= 1, got ", o.batch_size);
@@ -175,10 +177,7 @@ void validate(const TrainOptions& o) {
                  "(and, after a skipped step, infinite) residuals; use --precision bf16 (no scaler), or --compress "
                  "none, fp16, bf16 or int8");
   }
-  // c10d's NCCL matches a pair's sends and receives in posting order and
-  // ignores tags; the ring, the parameter server and pipeline stages post
-  // receives ahead and match by tag.
-  TANDEM_CHECK(o.comm != "nccl" || ((o.strategy == "ddp" || o.strategy == "none") && o.pp == 1),
+  TANDEM_CHECK(o.comm != "nccl" || collectives_only(o),
                "--comm nccl with ", o.pp > 1 ? "--pp" : "--strategy " + o.strategy,
                ": NCCL matches point-to-point messages in posting order, not by tag, and this method relies on "
                "tags; use --strategy ddp, or --comm gloo / shm / auto");

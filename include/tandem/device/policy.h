@@ -145,8 +145,10 @@ struct InstanceOptions {
   int threads = 0;                 // intra-op threads per instance; 0: the CPUs / instances (--threads)
   int cpus = 1;                    // CPUs this process may use
   // The batch one instance would take on its own (Choice::max_batch). When it
-  // was measured (auto), k instances share it: each takes max_batch / k, so
-  // that rows in flight and the latency of a pass stay what the bound chose.
+  // was measured (auto) with every CPU (threads 0), k instances share it:
+  // each takes max_batch / k, at least 1, so that rows in flight and the
+  // latency of a pass stay what the bound chose. With --threads it was
+  // timed at an instance's own threads and each instance takes all of it.
   int max_batch = 1;
   bool max_batch_auto = false;
   // More instances must run this many times the rows of one. The forward
@@ -166,6 +168,20 @@ struct InstanceOptions {
 // are malformed.
 InstancePlan plan_instances(const Forward& f, const c10::Device& dev, const InstanceOptions& o,
                             std::ostream* log = nullptr);
+
+// Sets the calling thread's intra-op threads (and LibTorch's process-wide
+// default, which threads not yet initialised take) for its lifetime, then
+// restores the count it found.
+class IntraOpThreads {
+ public:
+  explicit IntraOpThreads(int threads);
+  ~IntraOpThreads();
+  IntraOpThreads(const IntraOpThreads&) = delete;
+  IntraOpThreads& operator=(const IntraOpThreads&) = delete;
+
+ private:
+  int before_;
+};
 
 // Sets the calling thread's intra-op threads, once per thread (an inference
 // thread calls it before each pass). set_num_threads alone may be undone

@@ -112,6 +112,11 @@ struct TrainOptions {
 std::string method_name(const std::string& strategy);
 // The method of a run: method_name(strategy), or "pp" with pipeline stages.
 std::string method_name(const TrainOptions& o);
+// Whether the method synchronises by collectives alone (ddp or none, without
+// --pp): the only ones c10d's NCCL can carry, since it matches point-to-point
+// messages in posting order and ignores tags, which the ring, the parameter
+// server and pipeline stages rely on.
+bool collectives_only(const TrainOptions& o);
 
 // Checks every option; throws tandem::Error naming the flag and accepted values.
 void validate(const TrainOptions& opts);
