@@ -200,6 +200,36 @@ TEST_P(BackendTest, BarrierAndManyTagsInAnyOrder) {
 
 INSTANTIATE_TEST_SUITE_P(All, BackendTest, ::testing::Values("gloo", "shm", "hybrid"));
 
+TEST_P(BackendTest, SameTagMessagesArriveInSendingOrder) {
+  // One tag, one direction: a message larger than a p2p ring (streamed by the
+  // progress engine), then small ones that would fit (written by the caller
+  // when nothing is queued before them), then more small ones than the ring
+  // holds while no receive is posted. Each receive must get the message sent
+  // in its place (MPI's non-overtaking rule), whichever thread wrote it.
+  tandem::comm::spawn(2, [&](int rank, CommunicatorPtr c) {
+    const std::vector<int64_t> sizes = {(1 << 18) + 3, 1, 1000, 7, 0, 16000, 16000, 16000, 16000, 16000, 3};
+    std::vector<at::Tensor> bufs;
+    std::vector<tandem::comm::RequestPtr> reqs;
+    if (rank == 0) {
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        bufs.push_back(torch::full({sizes[i]}, static_cast<float>(i + 1)));
+        reqs.push_back(c->send_async(bufs.back(), 1, 5));
+      }
+      c->barrier();
+    } else {
+      c->barrier();  // every send is posted before any receive
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        bufs.push_back(torch::empty({sizes[i]}));
+        reqs.push_back(c->recv_async(bufs.back(), 0, 5));
+      }
+    }
+    for (auto& r : reqs) r->wait(c->timeout());
+    if (rank == 1)
+      for (size_t i = 0; i < sizes.size(); ++i)
+        ASSERT_TRUE(torch::equal(bufs[i], torch::full({sizes[i]}, static_cast<float>(i + 1)))) << "message " << i;
+  }, {}, GetParam());
+}
+
 TEST(Comm, SingleRankHasNoPeers) {
   auto c = tandem::comm::make_single();
   auto t = torch::ones({3});

@@ -33,10 +33,24 @@ RequestPtr P2PEngine::post(bool send, int peer, int tag, at::Tensor& t, std::str
   op->keep = t;
   op->st = std::make_shared<OpState>(std::move(what), spin_ns_);
   auto st = op->st;
+  if (send) {
+    // Eager: written here, whole, when nothing to `peer` is queued before it
+    // and the ring has room for all of it; otherwise the engine streams it
+    // (a partial write here would leave the rest waiting for the engine anyway).
+    std::lock_guard<std::mutex> lock(smu_);
+    auto& q = sends_[peer];
+    const bool eager = q.empty() && room(peer) >= sizeof(MsgHeader) + padded(op->bytes);
+    q.push_back(std::move(op));
+    if (eager) {
+      pump_send(peer);
+      return st;
+    }
+  }
   {
     std::lock_guard<std::mutex> lock(pmu_);
     if (!thread_.joinable()) thread_ = std::thread([this] { loop(); });
-    submitted_.push_back(std::move(op));
+    if (send) ++kicks_;
+    else submitted_.push_back(std::move(op));
     posted_count_.fetch_add(1, std::memory_order_release);
   }
   pcv_.notify_one();
@@ -48,7 +62,13 @@ void P2PEngine::fail(const std::shared_ptr<P2POp>& op, const std::string& why) {
   op->st->complete(std::make_exception_ptr(CommError(op->st->what() + " failed: " + why)));
 }
 
-// Writes as much of the head send to `dst` as the ring has room for.
+// Free bytes in the ring towards `dst` (smu_ held: this rank is its only writer).
+std::size_t P2PEngine::room(int dst) const {
+  const auto& ch = seg_.channel(rank_, dst);
+  return cap_ - static_cast<std::size_t>(ch.head.load(std::memory_order_relaxed) - ch.tail.load(std::memory_order_acquire));
+}
+
+// Writes as much of the head send to `dst` as the ring has room for (smu_ held).
 bool P2PEngine::pump_send(int dst) {
   auto& q = sends_[dst];
   bool progress = false;
@@ -192,33 +212,33 @@ std::uint64_t P2PEngine::signature() const {
 }
 
 void P2PEngine::loop() {
+  std::uint64_t kicks_seen = 0;
   for (;;) {
     const std::uint64_t sig = signature();
     std::deque<std::shared_ptr<P2POp>> fresh;
     {
       std::lock_guard<std::mutex> lock(pmu_);
       fresh.swap(submitted_);
+      kicks_seen = kicks_;
     }
-    for (auto& op : fresh) {
-      if (op->send) {
-        sends_[op->peer].push_back(op);
-      } else if (!match_unexpected(op)) {
-        recvs_.push_back(op);
-      }
-    }
+    for (auto& op : fresh)
+      if (!match_unexpected(op)) recvs_.push_back(op);
     bool progress = !fresh.empty();
     for (int r = 0; r < size_; ++r) {
       if (r == rank_) continue;
-      progress |= pump_send(r);
+      {
+        std::lock_guard<std::mutex> lock(smu_);
+        progress |= pump_send(r);
+      }
       if (!dead_[r]) progress |= pump_recv(r);
     }
     if (stopping_.load()) break;
     if (progress) continue;
     if (idle()) {
-      // Nothing posted: sleep until the owner posts (a sender that fills
+      // Nothing pending: sleep until the owner posts (a sender that fills
       // the ring waits until a receive is posted here).
       std::unique_lock<std::mutex> lock(pmu_);
-      pcv_.wait(lock, [&] { return stopping_.load() || !submitted_.empty(); });
+      pcv_.wait(lock, [&] { return stopping_.load() || !submitted_.empty() || kicks_ != kicks_seen; });
       continue;
     }
     try {
@@ -228,8 +248,13 @@ void P2PEngine::loop() {
     }
   }
   auto gone = [&](const std::shared_ptr<P2POp>& op) { fail(op, "communicator destroyed"); };
-  for (auto& q : sends_)
-    for (auto& op : q) gone(op);
+  {
+    std::lock_guard<std::mutex> lock(smu_);
+    for (auto& q : sends_) {
+      for (auto& op : q) gone(op);
+      q.clear();
+    }
+  }
   for (auto& op : recvs_) gone(op);
   std::lock_guard<std::mutex> lock(pmu_);
   for (auto& op : submitted_) gone(op);
@@ -237,6 +262,7 @@ void P2PEngine::loop() {
 
 bool P2PEngine::idle() const {
   if (!recvs_.empty()) return false;
+  std::lock_guard<std::mutex> lock(smu_);
   for (int r = 0; r < size_; ++r)
     if (!sends_[r].empty() || incoming_[r].active) return false;
   return true;
@@ -259,9 +285,12 @@ void P2PEngine::check_peers() {
     const std::string why = "rank " + std::to_string(labels_.at(r)) + " (pid " + std::to_string(seg_.state(r).pid.load()) +
                             ") " + describe(s);
     if (why_any.empty() || s == PeerStatus::kGone) why_any = why;
-    auto& q = sends_[r];
-    for (auto& op : q) fail(op, why);
-    q.clear();
+    {
+      std::lock_guard<std::mutex> lock(smu_);
+      auto& q = sends_[r];
+      for (auto& op : q) fail(op, why);
+      q.clear();
+    }
     for (auto it = recvs_.begin(); it != recvs_.end();) {
       if ((*it)->peer == r) {
         fail(*it, why);

@@ -10,6 +10,10 @@
 // posted the engine sleeps on a condition variable (a sender whose ring is
 // full waits until a receive is posted here); while operations are pending
 // it sleeps on the rank's doorbell and checks its peers' liveness.
+// A send is eager: the posting thread writes it into the ring itself when
+// nothing to that peer is queued before it and all of it fits, so that a
+// small hand-off costs no wake-up of the sender's engine (a pipeline stage
+// posts its output and computes on at once); larger ones stream from the engine.
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -72,6 +76,7 @@ class P2PEngine {
 
   void loop();
   void fail(const std::shared_ptr<P2POp>& op, const std::string& why);
+  std::size_t room(int dst) const;
   bool pump_send(int dst);
   bool pump_recv(int src);
   std::shared_ptr<P2POp> match_posted(int src, int tag);
@@ -88,12 +93,15 @@ class P2PEngine {
   std::int64_t spin_ns_;
   std::atomic<bool> stopping_{false};
 
-  // submitted_ under pmu_; the rest belongs to the engine thread.
+  // submitted_ and kicks_ under pmu_; sends_ (and the write side of this
+  // rank's outgoing channels) under smu_; the rest belongs to the engine thread.
   std::mutex pmu_;
   std::condition_variable pcv_;
   std::deque<std::shared_ptr<P2POp>> submitted_;
+  std::uint64_t kicks_ = 0;  // sends queued directly in sends_
   std::atomic<std::uint64_t> posted_count_{0};
   std::thread thread_;
+  mutable std::mutex smu_;
   std::vector<std::deque<std::shared_ptr<P2POp>>> sends_;
   std::list<std::shared_ptr<P2POp>> recvs_;
   std::vector<Incoming> incoming_;
