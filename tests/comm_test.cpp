@@ -198,37 +198,52 @@ TEST_P(BackendTest, BarrierAndManyTagsInAnyOrder) {
   }, {}, GetParam());
 }
 
-INSTANTIATE_TEST_SUITE_P(All, BackendTest, ::testing::Values("gloo", "shm", "hybrid"));
-
 TEST_P(BackendTest, SameTagMessagesArriveInSendingOrder) {
-  // One tag, one direction: a message larger than a p2p ring (streamed by the
-  // progress engine), then small ones that would fit (written by the caller
-  // when nothing is queued before them), then more small ones than the ring
-  // holds while no receive is posted. Each receive must get the message sent
-  // in its place (MPI's non-overtaking rule), whichever thread wrote it.
+  // One tag, one direction, through every send path of the shm engine: small
+  // messages into an empty ring (written whole by the posting thread), one
+  // larger than a ring (streamed by the engine), small ones posted behind it
+  // (queued, though they would fit), more than the ring holds while no
+  // receive is posted; then, with the receives posted first so the ring
+  // drains while the sender posts, a long mixed sequence in which queued and
+  // eager sends hand over again and again. Each receive must get the message
+  // sent in its place (MPI's non-overtaking rule), whichever thread wrote it.
+  const int64_t big = (1 << 18) + 3;  // floats: 1 MiB, more than a 256 KiB ring
+  const std::vector<int64_t> first = {1, 1000, 7, 0, big, 3, 16000, 16000, 16000, 16000, 16000, 2};
+  std::vector<int64_t> second;
+  for (int i = 0; i < 120; ++i) second.push_back(i % 9 == 4 ? big / 3 + i : (i * 37) % 2000);
   tandem::comm::spawn(2, [&](int rank, CommunicatorPtr c) {
-    const std::vector<int64_t> sizes = {(1 << 18) + 3, 1, 1000, 7, 0, 16000, 16000, 16000, 16000, 16000, 3};
-    std::vector<at::Tensor> bufs;
-    std::vector<tandem::comm::RequestPtr> reqs;
-    if (rank == 0) {
-      for (size_t i = 0; i < sizes.size(); ++i) {
-        bufs.push_back(torch::full({sizes[i]}, static_cast<float>(i + 1)));
-        reqs.push_back(c->send_async(bufs.back(), 1, 5));
-      }
+    auto value = [](int phase, size_t i) { return static_cast<float>(phase * 1000 + static_cast<int>(i) + 1); };
+    for (int phase = 0; phase < 2; ++phase) {
+      const auto& sizes = phase == 0 ? first : second;
+      std::vector<at::Tensor> bufs;
+      std::vector<tandem::comm::RequestPtr> reqs;
+      const bool recv_first = phase == 1;
+      auto post_recvs = [&] {
+        for (size_t i = 0; i < sizes.size(); ++i) {
+          bufs.push_back(torch::empty({sizes[i]}));
+          reqs.push_back(c->recv_async(bufs.back(), 0, 5));
+        }
+      };
+      if (rank == 1 && recv_first) post_recvs();
       c->barrier();
-    } else {
-      c->barrier();  // every send is posted before any receive
-      for (size_t i = 0; i < sizes.size(); ++i) {
-        bufs.push_back(torch::empty({sizes[i]}));
-        reqs.push_back(c->recv_async(bufs.back(), 0, 5));
+      if (rank == 0) {
+        for (size_t i = 0; i < sizes.size(); ++i) {
+          bufs.push_back(torch::full({sizes[i]}, value(phase, i)));
+          reqs.push_back(c->send_async(bufs.back(), 1, 5));
+        }
       }
-    }
-    for (auto& r : reqs) r->wait(c->timeout());
-    if (rank == 1)
+      if (phase == 0) c->barrier();  // every send is posted before any receive
+      if (rank == 1 && !recv_first) post_recvs();
+      for (auto& r : reqs) r->wait(c->timeout());
+      if (rank != 1) continue;
       for (size_t i = 0; i < sizes.size(); ++i)
-        ASSERT_TRUE(torch::equal(bufs[i], torch::full({sizes[i]}, static_cast<float>(i + 1)))) << "message " << i;
+        ASSERT_TRUE(torch::equal(bufs[i], torch::full({sizes[i]}, value(phase, i))))
+            << "phase " << phase << " message " << i;
+    }
   }, {}, GetParam());
 }
+
+INSTANTIATE_TEST_SUITE_P(All, BackendTest, ::testing::Values("gloo", "shm", "hybrid"));
 
 TEST(Comm, SingleRankHasNoPeers) {
   auto c = tandem::comm::make_single();

@@ -41,10 +41,8 @@ RequestPtr P2PEngine::post(bool send, int peer, int tag, at::Tensor& t, std::str
     auto& q = sends_[peer];
     const bool eager = q.empty() && room(peer) >= sizeof(MsgHeader) + padded(op->bytes);
     q.push_back(std::move(op));
-    if (eager) {
-      pump_send(peer);
-      return st;
-    }
+    if (eager) pump_send(peer);
+    if (q.empty()) return st;  // written whole (else the engine, kicked below, goes on)
   }
   {
     std::lock_guard<std::mutex> lock(pmu_);
@@ -235,8 +233,7 @@ void P2PEngine::loop() {
     if (stopping_.load()) break;
     if (progress) continue;
     if (idle()) {
-      // Nothing pending: sleep until the owner posts (a sender that fills
-      // the ring waits until a receive is posted here).
+      // Nothing pending: sleep until the owner posts a receive or queues a send.
       std::unique_lock<std::mutex> lock(pmu_);
       pcv_.wait(lock, [&] { return stopping_.load() || !submitted_.empty() || kicks_ != kicks_seen; });
       continue;

@@ -7,9 +7,9 @@
 // (source, destination) pair. A message that arrives before its receive is
 // posted is held in private memory (unexpected) until one matches it, in
 // arrival order per source (MPI's non-overtaking rule). While nothing is
-// posted the engine sleeps on a condition variable (a sender whose ring is
-// full waits until a receive is posted here); while operations are pending
-// it sleeps on the rank's doorbell and checks its peers' liveness.
+// pending the engine sleeps on a condition variable; while operations are
+// pending (a queued send included) it sleeps on the rank's doorbell and
+// checks its peers' liveness.
 // A send is eager: the posting thread writes it into the ring itself when
 // nothing to that peer is queued before it and all of it fits, so that a
 // small hand-off costs no wake-up of the sender's engine (a pipeline stage
