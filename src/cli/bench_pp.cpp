@@ -48,7 +48,9 @@ models::Model synthetic_model(const BenchPpArgs& a) {
 
 struct Measured {
   std::string schedule;
+  pp::ScheduleKind kind;
   std::vector<double> busy, span;  // per stage, summed over timed steps and repeats
+  std::vector<double> ops;         // this rank's op times, timed step after timed step
   std::vector<int64_t> peak;       // per stage
 };
 
@@ -105,7 +107,7 @@ void run_bench_pp(const BenchPpArgs& a) {
     po.name = std::string("bench.") + pp::schedule_name(k);
     po.trace = trace.enabled() ? &trace : nullptr;
     pipes.push_back(std::make_unique<pp::Pipeline>(model, comm, po, std::vector<int64_t>{a.width}));
-    res.push_back({pp::schedule_name(k), std::vector<double>(K, 0.0), std::vector<double>(K, 0.0),
+    res.push_back({pp::schedule_name(k), k, std::vector<double>(K, 0.0), std::vector<double>(K, 0.0), {},
                    std::vector<int64_t>(K, 0)});
   }
   for (int r = 0; r < a.repeats; ++r)
@@ -114,11 +116,16 @@ void run_bench_pp(const BenchPpArgs& a) {
         auto st = pipes[i]->step(rows, x, y, at::Tensor());
         if (s < a.warmup) continue;
         res[i].busy[rank] += st.busy_s;
+        res[i].ops.insert(res[i].ops.end(), st.op_s.begin(), st.op_s.end());
         res[i].span[rank] += st.span_s;
         res[i].peak[rank] = std::max(res[i].peak[rank], st.peak_activation_bytes);
       }
       comm->barrier();  // the next schedule starts together
     }
+  // Every stage's op times of every timed step, for the simulation below.
+  const int64_t ops_per_step = 2 * static_cast<int64_t>(a.micro_batches);
+  const int64_t timed = static_cast<int64_t>(a.steps) * a.repeats;
+  std::vector<at::Tensor> all_ops;
   for (auto& m : res) {
     auto t = torch::zeros({3, K}, torch::kFloat64);
     t[0][rank] = m.busy[rank];
@@ -130,6 +137,12 @@ void run_bench_pp(const BenchPpArgs& a) {
       m.span[s] = t[1][s].item<double>();
       m.peak[s] = static_cast<int64_t>(t[2][s].item<double>());
     }
+    TANDEM_CHECK(static_cast<int64_t>(m.ops.size()) == timed * ops_per_step, "bench pp: ", m.ops.size(),
+                 " op times for ", timed, " steps of ", ops_per_step, " ops");
+    auto o = torch::zeros({K, timed, ops_per_step}, torch::kFloat64);
+    o[rank].copy_(torch::from_blob(m.ops.data(), {timed, ops_per_step}, torch::kFloat64));
+    comm->all_reduce(o);
+    all_ops.push_back(o);
   }
   comm->barrier();
   if (trace.enabled()) {
@@ -145,10 +158,31 @@ void run_bench_pp(const BenchPpArgs& a) {
   std::printf("# bench pp: %d stages x %d linear(%lld) layers, M = %d micro-batches of %lld rows, %d steps x %d, %s\n",
               K, a.layers, static_cast<long long>(a.width), a.micro_batches, static_cast<long long>(a.micro_rows),
               a.steps, a.repeats, comm->backend().c_str());
-  std::printf("%-8s %10s %10s %10s %14s %12s  %s\n", "schedule", "bubble", "theory", "rel.diff", "slowest stage", "step ms",
-              "peak activations per stage (MiB)");
+  std::printf("# free-message bubble: the schedule simulated at the measured op times, averaged (stage speeds) and\n"
+              "# step by step (op times); the measured bubble's excess over the latter is messaging\n");
+  std::printf("%-8s %10s %10s %10s %14s %13s %13s %12s  %s\n", "schedule", "bubble", "theory", "rel.diff", "slowest stage",
+              "stage speeds", "op times", "step ms", "peak activations per stage (MiB)");
   for (const auto& m : res) {
     double bubble = 0, span = 0, slowest_busy = -1, slowest_bubble = 0;
+    // The schedule with free messages at the measured op times: each op at
+    // its mean over the steps (the stages' unequal speeds), and each step
+    // at its own (their variation too). What the measured bubble has above
+    // the second is messaging: transfers and wake-ups.
+    const auto sched = pp::make_schedule(m.kind, K, a.micro_batches);
+    const auto& o = all_ops[static_cast<size_t>(&m - res.data())];
+    auto mean_bubble = [&](const at::Tensor& per_op) {  // [K, ops_per_step]
+      std::vector<std::vector<double>> op_s(K);
+      for (int s = 0; s < K; ++s) {
+        auto row = per_op[s].contiguous();
+        op_s[s].assign(row.data_ptr<double>(), row.data_ptr<double>() + ops_per_step);
+      }
+      double mean = 0;
+      for (double e : pp::simulate_bubble(sched, op_s)) mean += e / K;
+      return mean;
+    };
+    const double at_speeds = mean_bubble(o.mean(1));
+    double at_op_times = 0;
+    for (int64_t i = 0; i < timed; ++i) at_op_times += mean_bubble(o.select(1, i)) / static_cast<double>(timed);
     nlohmann::json per = nlohmann::json::array();
     std::string peaks;
     for (int s = 0; s < K; ++s) {
@@ -168,10 +202,12 @@ void run_bench_pp(const BenchPpArgs& a) {
       peaks += buf;
     }
     const double rel = (bubble - theory) / theory;
-    std::printf("%-8s %10.4f %10.4f %+9.1f%% %8.4f %+4.0f%% %12.2f  %s\n", m.schedule.c_str(), bubble, theory, 100 * rel,
-                slowest_bubble, 100 * (slowest_bubble - theory) / theory, 1e3 * span / (a.steps * a.repeats), peaks.c_str());
+    std::printf("%-8s %10.4f %10.4f %+9.1f%% %8.4f %+4.0f%% %13.4f %13.4f %12.2f  %s\n", m.schedule.c_str(), bubble,
+                theory, 100 * rel, slowest_bubble, 100 * (slowest_bubble - theory) / theory, at_speeds, at_op_times,
+                1e3 * span / (a.steps * a.repeats), peaks.c_str());
     out["schedules"].push_back({{"schedule", m.schedule}, {"bubble_fraction", bubble}, {"relative_to_theory", rel},
-                                {"slowest_stage_bubble", slowest_bubble},
+                                {"slowest_stage_bubble", slowest_bubble}, {"free_message_bubble_at_stage_speeds", at_speeds},
+                                {"free_message_bubble_at_op_times", at_op_times},
                                 {"step_s", span / (a.steps * a.repeats)}, {"per_stage", per}});
   }
   if (res.size() == 2) {

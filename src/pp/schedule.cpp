@@ -53,6 +53,49 @@ double theory_bubble(int stages, int micro_batches) {
   return static_cast<double>(stages - 1) / static_cast<double>(micro_batches + stages - 1);
 }
 
+std::vector<double> simulate_bubble(const std::vector<StageOps>& schedule, const std::vector<std::vector<double>>& op_s) {
+  const size_t K = schedule.size();
+  TANDEM_CHECK(K >= 1 && op_s.size() == K, "simulate_bubble: ", K, " stages, ", op_s.size(), " lists of op times");
+  int M = 0;
+  for (size_t s = 0; s < K; ++s) {
+    TANDEM_CHECK(op_s[s].size() == schedule[s].size(), "simulate_bubble: stage ", s, " has ", schedule[s].size(),
+                 " ops and ", op_s[s].size(), " op times");
+    for (const auto& op : schedule[s]) M = std::max(M, op.micro + 1);
+  }
+  const double kNotYet = std::numeric_limits<double>::infinity();
+  // When each stage's forward / backward of each micro-batch ends.
+  std::vector<std::vector<double>> fwd_end(K, std::vector<double>(static_cast<size_t>(M), kNotYet)), bwd_end = fwd_end;
+  std::vector<size_t> next(K, 0);
+  std::vector<double> free_at(K, 0.0), busy(K, 0.0);
+  // Sweeps the stages, running each one's next op whose input is done,
+  // until none is left (make_schedule's schedules never deadlock; a list
+  // that did would leave ops unrun and is refused).
+  for (bool moved = true; moved;) {
+    moved = false;
+    for (size_t s = 0; s < K; ++s)
+      while (next[s] < schedule[s].size()) {
+        const Op op = schedule[s][next[s]];
+        const auto m = static_cast<size_t>(op.micro);
+        const double ready = op.kind == Op::kForward ? (s == 0 ? 0.0 : fwd_end[s - 1][m])
+                                                     : (s + 1 == K ? fwd_end[s][m] : bwd_end[s + 1][m]);
+        if (ready == kNotYet) break;
+        const double t = op_s[s][next[s]];
+        const double end = std::max(free_at[s], ready) + t;
+        (op.kind == Op::kForward ? fwd_end : bwd_end)[s][m] = end;
+        free_at[s] = end;
+        busy[s] += t;
+        ++next[s];
+        moved = true;
+      }
+  }
+  for (size_t s = 0; s < K; ++s)
+    TANDEM_CHECK(next[s] == schedule[s].size(), "simulate_bubble: stage ", s, "'s ops wait on each other forever");
+  const double span = *std::max_element(free_at.begin(), free_at.end());
+  std::vector<double> idle(K, 0.0);
+  for (size_t s = 0; s < K; ++s) idle[s] = span > 0 ? 1.0 - busy[s] / span : 0.0;
+  return idle;
+}
+
 std::vector<int> partition_min_max(const std::vector<double>& costs, int stages) {
   const int n = static_cast<int>(costs.size());
   TANDEM_CHECK(stages >= 1, "--pp must be >= 1 stage, got ", stages);

@@ -75,6 +75,7 @@ StageStats Stage::run(int64_t rows, const at::Tensor& input, const at::Tensor& t
 
   StageStats st;
   st.micro_batches = M;
+  st.op_s.reserve(schedule.size());
   at::Tensor loss_sum, hits;  // last stage: read once, after the schedule
   comm::RequestPtr grad_send;  // the previous backward's input gradient, until it has arrived
   at::Tensor grad_send_buf;
@@ -152,6 +153,7 @@ StageStats Stage::run(int64_t rows, const at::Tensor& input, const at::Tensor& t
       st.peak_activation_bytes = std::max(st.peak_activation_bytes, held);
       const auto t1 = Clock::now();
       st.busy_s += seconds(t1 - t0);
+      st.op_s.push_back(seconds(t1 - t0));
       trace("F", op.micro, t0, t1);
     } else {
       const bool final_op = &op == &schedule.back();
@@ -172,6 +174,7 @@ StageStats Stage::run(int64_t rows, const at::Tensor& input, const at::Tensor& t
       u = Micro{};  // frees the activations
       const auto t1 = Clock::now();
       st.busy_s += seconds(t1 - t0);
+      st.op_s.push_back(seconds(t1 - t0));
       trace("B", op.micro, t0, t1);
     }
   }

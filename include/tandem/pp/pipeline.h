@@ -60,6 +60,14 @@ std::vector<StageOps> make_schedule(ScheduleKind kind, int stages, int micro_bat
 int max_in_flight(const StageOps& ops);
 // GPipe's idle fraction of each stage with equal stages: (K-1)/(M+K-1).
 double theory_bubble(int stages, int micro_batches);
+// Each stage's idle fraction of one step of `schedule` when op i of stage s
+// takes op_s[s][i] seconds and messages take none: every stage runs its ops
+// in order, each as soon as its input (the previous stage's forward, the
+// next stage's backward) is done. Equal ops give theory_bubble(K, M) on
+// every stage; measured op times show what the stages' unequal and varying
+// speeds alone cost, so that the rest of a measured bubble is messaging.
+// Throws tandem::Error when op_s does not match the schedule's shape.
+std::vector<double> simulate_bubble(const std::vector<StageOps>& schedule, const std::vector<std::vector<double>>& op_s);
 
 // Cuts blocks with `costs` into `stages` contiguous non-empty ranges so that
 // the largest sum is as small as possible (ties: the earliest cut). Returns
@@ -93,6 +101,7 @@ struct StageStats {
   int micro_batches = 0;
   double span_s = 0;     // first op's start to the last op's end
   double busy_s = 0;     // forward and backward computing
+  std::vector<double> op_s;  // each op's computing, in schedule order
   double wait_s = 0;     // waiting for activations or gradients
   int64_t peak_activation_bytes = 0;  // most bytes of inputs and block outputs held for backward
   int64_t bytes_sent = 0;             // activations and gradients sent to the neighbours
