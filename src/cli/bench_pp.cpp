@@ -49,7 +49,7 @@ models::Model synthetic_model(const BenchPpArgs& a) {
 struct Measured {
   std::string schedule;
   pp::ScheduleKind kind;
-  std::vector<double> busy, span;  // per stage, summed over timed steps and repeats
+  std::vector<double> busy, span;  // per stage, summed over timed steps and repeats (busy: from `ops`)
   std::vector<double> ops;         // this rank's op times, timed step after timed step
   std::vector<int64_t> peak;       // per stage
 };
@@ -115,7 +115,6 @@ void run_bench_pp(const BenchPpArgs& a) {
       for (int s = 0; s < a.warmup + a.steps; ++s) {
         auto st = pipes[i]->step(rows, x, y, at::Tensor());
         if (s < a.warmup) continue;
-        res[i].busy[rank] += st.busy_s;
         res[i].ops.insert(res[i].ops.end(), st.op_s.begin(), st.op_s.end());
         res[i].span[rank] += st.span_s;
         res[i].peak[rank] = std::max(res[i].peak[rank], st.peak_activation_bytes);
@@ -127,21 +126,20 @@ void run_bench_pp(const BenchPpArgs& a) {
   const int64_t timed = static_cast<int64_t>(a.steps) * a.repeats;
   std::vector<at::Tensor> all_ops;
   for (auto& m : res) {
-    auto t = torch::zeros({3, K}, torch::kFloat64);
-    t[0][rank] = m.busy[rank];
-    t[1][rank] = m.span[rank];
-    t[2][rank] = static_cast<double>(m.peak[rank]);
+    auto t = torch::zeros({2, K}, torch::kFloat64);
+    t[0][rank] = m.span[rank];
+    t[1][rank] = static_cast<double>(m.peak[rank]);
     comm->all_reduce(t);
     for (int s = 0; s < K; ++s) {
-      m.busy[s] = t[0][s].item<double>();
-      m.span[s] = t[1][s].item<double>();
-      m.peak[s] = static_cast<int64_t>(t[2][s].item<double>());
+      m.span[s] = t[0][s].item<double>();
+      m.peak[s] = static_cast<int64_t>(t[1][s].item<double>());
     }
     TANDEM_CHECK(static_cast<int64_t>(m.ops.size()) == timed * ops_per_step, "bench pp: ", m.ops.size(),
                  " op times for ", timed, " steps of ", ops_per_step, " ops");
     auto o = torch::zeros({K, timed, ops_per_step}, torch::kFloat64);
     o[rank].copy_(torch::from_blob(m.ops.data(), {timed, ops_per_step}, torch::kFloat64));
     comm->all_reduce(o);
+    for (int s = 0; s < K; ++s) m.busy[s] = o[s].sum().item<double>();
     all_ops.push_back(o);
   }
   comm->barrier();
